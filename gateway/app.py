@@ -1,0 +1,24 @@
+"""create_app: the WSGI application, with every blueprint under /dicomweb and /api."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from gateway import cors, health, http, metadata, qido, stow, wado
+from gateway.connections import Connections
+from gateway.logs import configure as configure_logs
+from gateway.settings import Settings
+
+
+def create_app(settings: Settings | None = None, connections: Connections | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    configure_logs(settings)
+    app = Flask("gateway")
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["gateway"] = connections or Connections(settings)
+    http.install_error_handlers(app)
+    cors.install(app, settings.cors_origins)
+    for module in (stow, qido, wado, metadata):
+        app.register_blueprint(module.blueprint, url_prefix=http.DICOMWEB)
+    app.register_blueprint(health.blueprint)
+    return app

@@ -1,0 +1,119 @@
+"""Blueprint helpers shared by every HTTP module: connections, identity, permissions, URLs, errors."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from flask import Flask, Response, current_app, g, json, request
+
+from gateway.auth import Identity, identify
+from gateway.connections import Connections
+from gateway.errors import Forbidden, GatewayError, PolicyDenied
+from gateway.settings import Settings
+from policies.permissions import Action, may, reason_denied
+
+log = logging.getLogger(__name__)
+DICOMWEB = "/dicomweb"
+
+
+def services() -> Connections:
+    return current_app.extensions["gateway"]
+
+
+def settings() -> Settings:
+    return services().settings
+
+
+def identity() -> Identity:
+    if "identity" not in g:
+        g.identity = identify(settings(), request.headers.get("Authorization"), request.remote_addr)
+    return g.identity
+
+
+def authorize(action: Action) -> Identity:
+    """The one permission check every route makes; the policy engine hooks in here."""
+    who = identity()
+    if not may(who.roles, action):
+        raise Forbidden(reason_denied(who.roles, action))
+    return who
+
+
+def public_root() -> str:
+    """External root (scheme://host[/prefix]) from PUBLIC_URL, Forwarded / X-Forwarded-*, else the request."""
+    configured = settings().public_url
+    if configured:
+        return configured
+    proto = host = None
+    prefix = request.headers.get("X-Forwarded-Prefix", "").rstrip("/")
+    forwarded = request.headers.get("Forwarded")
+    if forwarded:
+        first = forwarded.split(",")[0]
+        for pair in first.split(";"):
+            name, _, value = pair.strip().partition("=")
+            value = value.strip('"')
+            if name.lower() == "proto":
+                proto = value
+            elif name.lower() == "host":
+                host = value
+    proto = proto or request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
+    host = host or request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    if prefix and not prefix.startswith("/"):
+        prefix = "/" + prefix
+    return f"{proto}://{host}{prefix}"
+
+
+def dicomweb_root() -> str:
+    return public_root() + DICOMWEB
+
+
+def problem(error: GatewayError) -> Response:
+    body: dict[str, Any] = {"title": error.title, "status": error.status, "detail": error.detail, **error.extra}
+    response = current_app.response_class(
+        json.dumps(body), status=error.status, mimetype="application/problem+json"
+    )
+    if isinstance(error, PolicyDenied):
+        response.headers["X-Policy-Reason"] = error.detail
+    if error.status == 503:
+        response.headers["Retry-After"] = "5"
+    return response
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.before_request
+    def _request_id() -> None:
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+    @app.errorhandler(GatewayError)
+    def _gateway_error(error: GatewayError) -> Response:
+        if error.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, error.detail)
+        return problem(error)
+
+    @app.errorhandler(404)
+    def _not_found(_error: Exception) -> Response:
+        from gateway.errors import NotFound
+
+        return problem(NotFound(f"no resource at {request.path}"))
+
+    @app.errorhandler(405)
+    def _method(_error: Exception) -> Response:
+        from gateway.errors import GatewayError as Base
+
+        class MethodNotAllowed(Base):
+            status = 405
+            title = "Method not allowed"
+
+        return problem(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"))
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        from werkzeug.exceptions import HTTPException
+
+        if isinstance(error, HTTPException):
+            return error  # type: ignore[return-value]
+        request_id = g.get("request_id", "-")
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request_id)
+        body = {"title": "Internal error", "status": 500, "detail": f"request {request_id} failed; see the log"}
+        return current_app.response_class(json.dumps(body), status=500, mimetype="application/problem+json")
