@@ -21,4 +21,5 @@ def create_app(settings: Settings | None = None, connections: Connections | None
     for module in (stow, qido, wado, metadata):
         app.register_blueprint(module.blueprint, url_prefix=http.DICOMWEB)
     app.register_blueprint(health.blueprint)
+    health.install_request_metrics(app)
     return app

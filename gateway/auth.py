@@ -23,5 +23,7 @@ class Identity:
 def identify(settings: Settings, authorization: str | None, remote_addr: str | None) -> Identity:
     """Resolve the caller; token modes arrive with the policy engine (issue 3/5)."""
     if settings.auth_mode == "none":
-        return Identity(subject=f"anonymous@{remote_addr or 'unknown'}", roles=frozenset({settings.default_role}))
+        return Identity(
+            subject=f"anonymous@{remote_addr or 'unknown'}", roles=frozenset({settings.default_role})
+        )
     raise Unauthorized(f"AUTH_MODE={settings.auth_mode} is not supported by this build")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from flask import Flask, Response, request
 
-EXPOSED = "X-Served-Version, X-Policy-Reason, X-Served-Resolution, Content-Range, Content-Length, Warning, Location"
-ALLOWED_HEADERS = "Authorization, Accept, Content-Type, Range, If-None-Match, If-Modified-Since, Downlink, RTT, ECT, Save-Data, Device-Memory, Viewport-Width, DPR"
+EXPOSED = (
+    "X-Served-Version, X-Policy-Reason, X-Served-Resolution, Content-Range, Content-Length, Warning, Location"
+)
+ALLOWED_HEADERS = (
+    "Authorization, Accept, Content-Type, Range, If-None-Match, If-Modified-Since, "
+    "Downlink, RTT, ECT, Save-Data, Device-Memory, Viewport-Width, DPR"
+)
 METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 
 

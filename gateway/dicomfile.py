@@ -43,8 +43,13 @@ class PixelLayout:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"encapsulated": self.encapsulated, "offset": self.offset, "length": self.length,
-             "frames": self.frames, "vr": self.vr},
+            {
+                "encapsulated": self.encapsulated,
+                "offset": self.offset,
+                "length": self.length,
+                "frames": self.frames,
+                "vr": self.vr,
+            },
             separators=(",", ":"),
         )
 
@@ -128,9 +133,15 @@ def _locate(fp: BinaryIO, size: int, syntax: UID, ds: Dataset) -> PixelLayout:
     frames_count = _frames(ds)
     frames: list | None = None
     frame_bits = expected * 8 // frames_count if expected else 0
-    if expected and int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(
-        ds.BitsAllocated
-    ) % 8 == 0:
+    if (
+        expected
+        and int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("SamplesPerPixel", 1) or 1)
+        * int(ds.BitsAllocated)
+        % 8
+        == 0
+    ):
         frame_size = frame_bits // 8
         frames = [[value_offset + i * frame_size, frame_size] for i in range(frames_count)]
     return PixelLayout(False, value_offset, length, frames, vr)
@@ -173,7 +184,9 @@ def _encapsulated(fp: BinaryIO, size: int, value_offset: int, ds: Dataset) -> Pi
         fp.seek(position)
         head = fp.read(8)
         if len(head) < 8:
-            raise InstanceRejected(CANNOT_UNDERSTAND, "truncated: encapsulated Pixel Data has no end delimiter")
+            raise InstanceRejected(
+                CANNOT_UNDERSTAND, "truncated: encapsulated Pixel Data has no end delimiter"
+            )
         group, element, length = struct.unpack("<HHL", head)
         tag = (group << 16) | element
         if tag == _SEQ_END:
@@ -193,7 +206,10 @@ def _encapsulated(fp: BinaryIO, size: int, value_offset: int, ds: Dataset) -> Pi
 
 
 def _map_fragments(
-    fp: BinaryIO, bot: tuple[int, int, int], fragments: list[tuple[int, int, int]], frame_count: int,
+    fp: BinaryIO,
+    bot: tuple[int, int, int],
+    fragments: list[tuple[int, int, int]],
+    frame_count: int,
     ds: Dataset,
 ) -> list | None:
     if not fragments:

@@ -48,7 +48,9 @@ def _walk(ds: Dataset, base: str, path: str) -> dict[str, Any]:
             continue
         key = f"{tag:08X}"
         if element.VR == "SQ":
-            items = [_walk(item, base, f"{path}{key}/{index}/") for index, item in enumerate(element.value or [])]
+            items = [
+                _walk(item, base, f"{path}{key}/{index}/") for index, item in enumerate(element.value or [])
+            ]
             out[key] = {"vr": "SQ", **({"Value": items} if items else {})}
         elif element.VR in BULK_VRS and element.value is not None and len(element.value) > BULK_THRESHOLD:
             out[key] = {"vr": element.VR, "BulkDataURI": f"{base}/bulkdata/{path}{key}"}
@@ -109,7 +111,7 @@ def store_response(
                     "00081150": _ui(sop_class),
                     "00081155": _ui(sop_uid),
                     "00081197": _ul(reason),
-                    # Not in the standard item; the reason in words, as a comment for humans (Orthanc does too).
+                    # Error Comment: the reason in words for people; FailureReason is the code.
                     "00000902": {"vr": "LO", "Value": [detail[:1024]]},
                 }
                 for sop_class, sop_uid, reason, detail in failed

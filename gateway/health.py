@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+import time
+
+from flask import Blueprint, Flask, Response, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from gateway.errors import GatewayError
 from gateway.http import services
+from gateway.metrics import REQUEST_SECONDS, REQUESTS, exposition
 
 blueprint = Blueprint("health", __name__)
 
@@ -39,3 +42,25 @@ def readyz() -> ResponseReturnValue:
         checks["storage"] = f"failed: {exc.detail}"
     ready = all(v == "ok" for v in checks.values())
     return jsonify(status="ready" if ready else "not ready", checks=checks), 200 if ready else 503
+
+
+@blueprint.get("/metrics")
+def metrics() -> ResponseReturnValue:
+    body, content_type = exposition()
+    return Response(body, mimetype=content_type.split(";")[0], headers={"Content-Type": content_type})
+
+
+def install_request_metrics(app: Flask) -> None:
+    """Count and time every request by endpoint name (a closed set), never by path."""
+
+    @app.before_request
+    def _start() -> None:
+        g.metrics_start = time.perf_counter()
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        endpoint = request.endpoint or "unmatched"
+        REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        if "metrics_start" in g:
+            REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - g.metrics_start)
+        return response

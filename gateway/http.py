@@ -69,7 +69,12 @@ def dicomweb_root() -> str:
 
 
 def problem(error: GatewayError) -> Response:
-    body: dict[str, Any] = {"title": error.title, "status": error.status, "detail": error.detail, **error.extra}
+    body: dict[str, Any] = {
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        **error.extra,
+    }
     response = current_app.response_class(
         json.dumps(body), status=error.status, mimetype="application/problem+json"
     )
@@ -115,5 +120,9 @@ def install_error_handlers(app: Flask) -> None:
             return error  # type: ignore[return-value]
         request_id = g.get("request_id", "-")
         log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request_id)
-        body = {"title": "Internal error", "status": 500, "detail": f"request {request_id} failed; see the log"}
+        body = {
+            "title": "Internal error",
+            "status": 500,
+            "detail": f"request {request_id} failed; see the log",
+        }
         return current_app.response_class(json.dumps(body), status=500, mimetype="application/problem+json")

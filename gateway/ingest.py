@@ -55,7 +55,8 @@ def _uids(ds: Dataset) -> dict[str, str]:
             raise InstanceRejected(
                 DATA_SET_MISMATCH,
                 f"{name} {value[:80]!r} is not a valid UID (PS3.5 9.1: digits and dots, at most 64)",
-                sop_class, sop_uid,
+                sop_class,
+                sop_uid,
             )
         found[keyword] = value
     media_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip("\x00 ")
@@ -63,7 +64,8 @@ def _uids(ds: Dataset) -> dict[str, str]:
         raise InstanceRejected(
             DATA_SET_MISMATCH,
             f"File Meta MediaStorageSOPInstanceUID {media_sop} differs from SOPInstanceUID",
-            sop_class, sop_uid,
+            sop_class,
+            sop_uid,
         )
     return found
 
@@ -83,7 +85,8 @@ def ingest(conn: Connections, path: str, sha256: str, size: int, expected_study:
         raise InstanceRejected(
             DATA_SET_MISMATCH,
             f"instance belongs to study {ref.study_uid}, not to {expected_study} named in the request",
-            sop_class, ref.sop_uid,
+            sop_class,
+            ref.sop_uid,
         )
     try:
         lock = conn.redis.lock(f"gw:lock:sop:{ref.sop_uid}", timeout=3600, blocking_timeout=60)
@@ -109,7 +112,8 @@ def _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class) -> S
                     DUPLICATE_SOP_INSTANCE,
                     f"SOP Instance UID {ref.sop_uid} is already stored with different content "
                     f"(sha256 {existing.sha256[:12]}...); refusing to overwrite it",
-                    sop_class, ref.sop_uid,
+                    sop_class,
+                    ref.sop_uid,
                 )
             if conn.originals.head(keys.original(ref)) is None:  # object lost: put it back, same bytes
                 conn.originals.put_file(keys.original(ref), path, sha256, {"transfer-syntax": _ts(header)})
@@ -119,13 +123,21 @@ def _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class) -> S
             raise InstanceRejected(
                 DATA_SET_MISMATCH,
                 f"series {ref.series_uid} already belongs to study {series.study_uid}",
-                sop_class, ref.sop_uid,
+                sop_class,
+                ref.sop_uid,
             )
     document = instance_json(header, ref, pixels)
     facts = InstanceFacts(
-        study_uid=ref.study_uid, series_uid=ref.series_uid, sop_uid=ref.sop_uid, sop_class_uid=sop_class,
-        transfer_syntax_uid=_ts(header), size=size, sha256=sha256, metadata_gz=compress(document),
-        pixel_layout=pixels.to_json() if pixels else None, dataset_json=document,
+        study_uid=ref.study_uid,
+        series_uid=ref.series_uid,
+        sop_uid=ref.sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=_ts(header),
+        size=size,
+        sha256=sha256,
+        metadata_gz=compress(document),
+        pixel_layout=pixels.to_json() if pixels else None,
+        dataset_json=document,
     )
     conn.originals.put_file(keys.original(ref), path, sha256, {"transfer-syntax": facts.transfer_syntax_uid})
     try:
@@ -133,7 +145,9 @@ def _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class) -> S
             record_instance(session, facts)
     except IntegrityError as exc:  # only possible if the lock expired mid-store
         raise InstanceRejected(
-            DUPLICATE_SOP_INSTANCE, f"SOP Instance UID {ref.sop_uid} was stored concurrently", sop_class,
+            DUPLICATE_SOP_INSTANCE,
+            f"SOP Instance UID {ref.sop_uid} was stored concurrently",
+            sop_class,
             ref.sop_uid,
         ) from exc
     log.info("stored %s (%d bytes)", ref.sop_uid, size)

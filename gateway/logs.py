@@ -60,4 +60,6 @@ def configure(settings: Settings, level: int = logging.INFO) -> None:
 
 def audit(action: str, who: str, role: str, **what: Any) -> None:
     """One structured audit record: UIDs and ids only, never patient data."""
-    audit_log.info("%s by %s", action, who, extra={"audit": {"action": action, "who": who, "role": role, **what}})
+    audit_log.info(
+        "%s by %s", action, who, extra={"audit": {"action": action, "who": who, "role": role, **what}}
+    )

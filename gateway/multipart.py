@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from multipart.exceptions import MultipartParseError
-from multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from gateway.errors import MalformedRequest, PayloadTooLarge
 
@@ -167,9 +167,7 @@ def related_content_type(boundary: str, part_type: str, **params: str) -> str:
     return f'multipart/related; type="{part_type}"; boundary={boundary}{extra}'
 
 
-def write_parts(
-    parts: Iterable[tuple[dict[str, str], Iterable[bytes]]], boundary: str
-) -> Iterator[bytes]:
+def write_parts(parts: Iterable[tuple[dict[str, str], Iterable[bytes]]], boundary: str) -> Iterator[bytes]:
     """Stream a multipart/related body: each part is (headers, byte chunks)."""
     dash = f"--{boundary}".encode()
     for headers, chunks in parts:

@@ -24,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.http import authorize, dicomweb_root, services, settings
 from gateway.ingest import Stored, ingest
+from gateway.metrics import STORED_BYTES, STORED_INSTANCES
 from gateway.multipart import Part, content_type_params, read_parts, read_single
 from gateway.uids import check_uid
 from policies.permissions import Action
@@ -43,7 +44,9 @@ def _response_type() -> str:
         return JSON
     best = accept.best_match([JSON, XML, "application/json"], default=None)
     if best is None:
-        raise NotAcceptable(f"the store response is {JSON} or {XML}; Accept {request.headers['Accept']!r} allows neither")
+        raise NotAcceptable(
+            f"the store response is {JSON} or {XML}; Accept {request.headers['Accept']!r} allows neither"
+        )
     return XML if best == XML else JSON
 
 
@@ -60,7 +63,7 @@ def _read_body(directory: str) -> list[Part]:
         part_type = params.get("type", DICOM).lower()
         if part_type != DICOM:
             raise UnsupportedMediaType(
-                f"multipart/related type={part_type!r} is not supported; send type=\"{DICOM}\" "
+                f'multipart/related type={part_type!r} is not supported; send type="{DICOM}" '
                 "(the metadata-and-bulk-data form of STOW-RS is not implemented)"
             )
         boundary = params.get("boundary")
@@ -72,7 +75,7 @@ def _read_body(directory: str) -> list[Part]:
     if media == DICOM:
         return [read_single(request.stream, directory, DICOM, limit)]
     raise UnsupportedMediaType(
-        f"Content-Type {media or '(none)'!r} is not accepted; send multipart/related; type=\"{DICOM}\" "
+        f'Content-Type {media or "(none)"!r} is not accepted; send multipart/related; type="{DICOM}" '
         f"or a single {DICOM} body"
     )
 
@@ -95,6 +98,7 @@ def _store(study_uid: str | None) -> Response:
                 continue
             try:
                 stored.append(ingest(conn, part.path, part.sha256, part.size, study_uid))
+                STORED_BYTES.inc(part.size)
             except InstanceRejected as rejected:
                 failed.append((rejected.sop_class_uid, rejected.sop_uid, rejected.reason, rejected.detail))
             except Unavailable as fault:
@@ -107,10 +111,19 @@ def _store(study_uid: str | None) -> Response:
                 failed.append(("", "", PROCESSING_FAILURE, "unexpected error while storing; see the log"))
             finally:
                 part.discard()
+    STORED_INSTANCES.labels("stored").inc(len(stored))
+    STORED_INSTANCES.labels("failed").inc(len(failed))
     _refresh_series(conn, {(s.ref.study_uid, s.ref.series_uid) for s in stored if not s.duplicate})
     for item in stored:
-        logs.audit("store", who.subject, who.role, study=item.ref.study_uid, series=item.ref.series_uid,
-                   instance=item.ref.sop_uid, duplicate=item.duplicate)
+        logs.audit(
+            "store",
+            who.subject,
+            who.role,
+            study=item.ref.study_uid,
+            series=item.ref.series_uid,
+            instance=item.ref.sop_uid,
+            duplicate=item.duplicate,
+        )
     return _render(stored, failed, infrastructure_fault, study_uid, response_type)
 
 
@@ -126,8 +139,11 @@ def _refresh_series(conn: object, touched: set[tuple[str, str]]) -> None:
 
 
 def _render(
-    stored: list[Stored], failed: list[tuple[str, str, int, str]], infrastructure_fault: bool,
-    study_uid: str | None, response_type: str,
+    stored: list[Stored],
+    failed: list[tuple[str, str, int, str]],
+    infrastructure_fault: bool,
+    study_uid: str | None,
+    response_type: str,
 ) -> Response:
     from gateway.dicomjson import store_response
 

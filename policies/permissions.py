@@ -15,7 +15,9 @@ class Action(StrEnum):
 
 
 _GRANTS: dict[str, frozenset[Action]] = {
-    "radiologist": frozenset({Action.STORE, Action.SEARCH, Action.RETRIEVE, Action.DIAGNOSE, Action.PREFETCH}),
+    "radiologist": frozenset(
+        {Action.STORE, Action.SEARCH, Action.RETRIEVE, Action.DIAGNOSE, Action.PREFETCH}
+    ),
     "teleradiologist": frozenset(
         {Action.STORE, Action.SEARCH, Action.RETRIEVE, Action.DIAGNOSE, Action.PREFETCH}
     ),

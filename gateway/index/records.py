@@ -14,17 +14,64 @@ from sqlalchemy.orm import Session
 from gateway.index.models import Instance, Series, Study
 
 # PS3.18 Table 10.6.3-3 and the Patient / General Study modules: kept on the study row for includefield.
-STUDY_TAGS = frozenset({
-    "00080005", "00080020", "00080030", "00080050", "00080051", "00080056", "00080090", "00080201",
-    "00081030", "00081032", "00081060", "00100010", "00100020", "00100021", "00100030", "00100032",
-    "00100040", "00101000", "00101001", "00101010", "00101020", "00101030", "00102160", "00104000",
-    "0020000D", "00200010", "00321032", "00321060", "00401012",
-})
-SERIES_TAGS = frozenset({
-    "00080021", "00080031", "00080060", "00080070", "00080080", "00081010", "00081040", "0008103E",
-    "00081050", "00081070", "00081090", "00180015", "00181030", "0020000E", "00200011", "00200052",
-    "00200060", "00400244", "00400245", "00400275", "00080064",
-})
+STUDY_TAGS = frozenset(
+    {
+        "00080005",
+        "00080020",
+        "00080030",
+        "00080050",
+        "00080051",
+        "00080056",
+        "00080090",
+        "00080201",
+        "00081030",
+        "00081032",
+        "00081060",
+        "00100010",
+        "00100020",
+        "00100021",
+        "00100030",
+        "00100032",
+        "00100040",
+        "00101000",
+        "00101001",
+        "00101010",
+        "00101020",
+        "00101030",
+        "00102160",
+        "00104000",
+        "0020000D",
+        "00200010",
+        "00321032",
+        "00321060",
+        "00401012",
+    }
+)
+SERIES_TAGS = frozenset(
+    {
+        "00080021",
+        "00080031",
+        "00080060",
+        "00080070",
+        "00080080",
+        "00081010",
+        "00081040",
+        "0008103E",
+        "00081050",
+        "00081070",
+        "00081090",
+        "00180015",
+        "00181030",
+        "0020000E",
+        "00200011",
+        "00200052",
+        "00200060",
+        "00400244",
+        "00400245",
+        "00400275",
+        "00080064",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -107,54 +154,64 @@ def record_instance(session: Session, facts: InstanceFacts) -> None:
     doc = facts.dataset_json
     patient_name = _text(doc, "00100010", 324)
     referring = _text(doc, "00080090", 324)
-    _insert_ignore(session, Study.__table__, {
-        "study_uid": facts.study_uid,
-        "patient_id": _text(doc, "00100020", 64),
-        "patient_name": patient_name,
-        "patient_name_norm": name_norm(patient_name),
-        "patient_name_words": name_words(patient_name),
-        "patient_birth_date": _date(doc, "00100030"),
-        "patient_sex": _text(doc, "00100040", 16),
-        "study_date": _date(doc, "00080020"),
-        "study_time": _text(doc, "00080030", 16),
-        "accession_number": _text(doc, "00080050", 64),
-        "study_id": _text(doc, "00200010", 16),
-        "study_description": _text(doc, "00081030", 64),
-        "referring_physician_name": referring,
-        "referring_physician_name_norm": name_norm(referring),
-        "referring_physician_name_words": name_words(referring),
-        "attributes": _subset(doc, STUDY_TAGS),
-        "diagnosis_status": 1,
-    })
-    _insert_ignore(session, Series.__table__, {
-        "series_uid": facts.series_uid,
-        "study_uid": facts.study_uid,
-        "modality": _text(doc, "00080060", 16),
-        "series_number": _int(doc, "00200011"),
-        "series_description": _text(doc, "0008103E", 64),
-        "series_date": _date(doc, "00080021"),
-        "series_time": _text(doc, "00080031", 16),
-        "body_part_examined": _text(doc, "00180015", 16),
-        "pps_start_date": _date(doc, "00400244"),
-        "pps_start_time": _text(doc, "00400245", 16),
-        "attributes": _subset(doc, SERIES_TAGS),
-    })
-    session.add(Instance(
-        sop_uid=facts.sop_uid,
-        series_uid=facts.series_uid,
-        study_uid=facts.study_uid,
-        sop_class_uid=facts.sop_class_uid,
-        instance_number=_int(doc, "00200013"),
-        rows=_int(doc, "00280010"),
-        columns=_int(doc, "00280011"),
-        bits_allocated=_int(doc, "00280100"),
-        number_of_frames=_int(doc, "00280008"),
-        transfer_syntax_uid=facts.transfer_syntax_uid,
-        size=facts.size,
-        sha256=facts.sha256,
-        pixel_layout=facts.pixel_layout,
-        metadata_gz=facts.metadata_gz,
-    ))
+    _insert_ignore(
+        session,
+        Study.__table__,
+        {
+            "study_uid": facts.study_uid,
+            "patient_id": _text(doc, "00100020", 64),
+            "patient_name": patient_name,
+            "patient_name_norm": name_norm(patient_name),
+            "patient_name_words": name_words(patient_name),
+            "patient_birth_date": _date(doc, "00100030"),
+            "patient_sex": _text(doc, "00100040", 16),
+            "study_date": _date(doc, "00080020"),
+            "study_time": _text(doc, "00080030", 16),
+            "accession_number": _text(doc, "00080050", 64),
+            "study_id": _text(doc, "00200010", 16),
+            "study_description": _text(doc, "00081030", 64),
+            "referring_physician_name": referring,
+            "referring_physician_name_norm": name_norm(referring),
+            "referring_physician_name_words": name_words(referring),
+            "attributes": _subset(doc, STUDY_TAGS),
+            "diagnosis_status": 1,
+        },
+    )
+    _insert_ignore(
+        session,
+        Series.__table__,
+        {
+            "series_uid": facts.series_uid,
+            "study_uid": facts.study_uid,
+            "modality": _text(doc, "00080060", 16),
+            "series_number": _int(doc, "00200011"),
+            "series_description": _text(doc, "0008103E", 64),
+            "series_date": _date(doc, "00080021"),
+            "series_time": _text(doc, "00080031", 16),
+            "body_part_examined": _text(doc, "00180015", 16),
+            "pps_start_date": _date(doc, "00400244"),
+            "pps_start_time": _text(doc, "00400245", 16),
+            "attributes": _subset(doc, SERIES_TAGS),
+        },
+    )
+    session.add(
+        Instance(
+            sop_uid=facts.sop_uid,
+            series_uid=facts.series_uid,
+            study_uid=facts.study_uid,
+            sop_class_uid=facts.sop_class_uid,
+            instance_number=_int(doc, "00200013"),
+            rows=_int(doc, "00280010"),
+            columns=_int(doc, "00280011"),
+            bits_allocated=_int(doc, "00280100"),
+            number_of_frames=_int(doc, "00280008"),
+            transfer_syntax_uid=facts.transfer_syntax_uid,
+            size=facts.size,
+            sha256=facts.sha256,
+            pixel_layout=facts.pixel_layout,
+            metadata_gz=facts.metadata_gz,
+        )
+    )
     session.flush()
 
 

@@ -37,7 +37,10 @@ class S3Bucket:
         meta = {"sha256": sha256, **(metadata or {})}
         try:
             self.client.upload_file(
-                path, self.name, key, ExtraArgs={"Metadata": meta, "ChecksumAlgorithm": "SHA256"},
+                path,
+                self.name,
+                key,
+                ExtraArgs={"Metadata": meta, "ChecksumAlgorithm": "SHA256"},
                 Config=_TRANSFER,
             )
         except (BotoCoreError, ClientError) as exc:
@@ -52,7 +55,10 @@ class S3Bucket:
         meta = {"sha256": digest.hex(), **(metadata or {})}
         try:
             self.client.put_object(
-                Bucket=self.name, Key=key, Body=data, Metadata=meta,
+                Bucket=self.name,
+                Key=key,
+                Body=data,
+                Metadata=meta,
                 ChecksumSHA256=base64.b64encode(digest).decode(),
             )
         except (BotoCoreError, ClientError) as exc:
@@ -77,7 +83,9 @@ class S3Bucket:
         if length <= 0:
             return b""
         try:
-            body = self.client.get_object(Bucket=self.name, Key=key, Range=f"bytes={start}-{start + length - 1}")
+            body = self.client.get_object(
+                Bucket=self.name, Key=key, Range=f"bytes={start}-{start + length - 1}"
+            )
             return body["Body"].read()
         except (BotoCoreError, ClientError) as exc:
             raise _translate(exc, self.name, key) from exc
