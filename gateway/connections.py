@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.index.db import make_engine, make_sessionmaker, migrate
 from gateway.settings import Settings
 from gateway.storage import Bucket, make_bucket
+from policies.rules import RulesStore
 
 
 @dataclass
@@ -33,6 +34,10 @@ class Connections:
         return redis.Redis.from_url(
             self.settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
         )
+
+    @cached_property
+    def rules(self) -> RulesStore:
+        return RulesStore(self.settings.policies_dir)
 
     @cached_property
     def originals(self) -> Bucket:

@@ -23,7 +23,8 @@ from gateway.errors import (
     RedisUnavailable,
 )
 from gateway.index.db import session_scope
-from gateway.index.records import InstanceFacts, find_instance, record_instance, series_of
+from gateway.index.records import InstanceFacts, find_instance, record_instance, record_versions, series_of
+from gateway.jobs import enqueue_derive
 from gateway.uids import InstanceRef, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,15 @@ def _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class) -> S
         pixel_layout=pixels.to_json() if pixels else None,
         dataset_json=document,
     )
+    rules = conn.rules.versions
+    derived = [v.id for v in rules.derived]
+    wanted, why_not = rules.gets_versions(sop_class, facts.transfer_syntax_uid, pixels is not None)
     conn.originals.put_file(keys.original(ref), path, sha256, {"transfer-syntax": facts.transfer_syntax_uid})
     try:
         with session_scope(conn.sessions) as session:
             record_instance(session, facts)
+            record_versions(session, ref.study_uid, ref.sop_uid, derived, "pending" if wanted else "skipped",
+                            None if wanted else why_not)
     except IntegrityError as exc:  # only possible if the lock expired mid-store
         raise InstanceRejected(
             DUPLICATE_SOP_INSTANCE,
@@ -151,6 +157,11 @@ def _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class) -> S
             ref.sop_uid,
         ) from exc
     log.info("stored %s (%d bytes)", ref.sop_uid, size)
+    if wanted:
+        try:
+            enqueue_derive(conn.redis, ref)
+        except RedisUnavailable as fault:  # the rows stay pending: the reconciler queues them again
+            log.warning("derive of %s not queued: %s", ref.sop_uid, fault.detail)
     return Stored(ref, sop_class, duplicate=False)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from gateway.index.models import Instance, Series, Study
+from gateway.index.models import Instance, Series, Study, Version
 
 # PS3.18 Table 10.6.3-3 and the Patient / General Study modules: kept on the study row for includefield.
 STUDY_TAGS = frozenset(
@@ -221,3 +221,12 @@ def find_instance(session: Session, sop_uid: str) -> Instance | None:
 
 def series_of(session: Session, series_uid: str) -> Series | None:
     return session.get(Series, series_uid)
+
+
+def record_versions(
+    session: Session, study_uid: str, sop_uid: str, version_ids: list[str], state: str, reason: str | None = None
+) -> None:
+    """One row per derived version, in the same transaction as its instance: the index knows what is owed."""
+    for version_id in version_ids:
+        session.add(Version(sop_uid=sop_uid, version_id=version_id, study_uid=study_uid, state=state, reason=reason))
+    session.flush()

@@ -35,14 +35,15 @@ def upgrade() -> None:
         sa.Column("referring_physician_name_words", sa.String(330)),
         sa.Column("attributes", sa.Text, nullable=False),
         sa.Column("diagnosis_status", sa.Integer, nullable=False, server_default="1"),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     )
     op.create_table(
         "series",
         sa.Column("series_uid", sa.String(64), primary_key=True),
         sa.Column(
-            "study_uid", sa.String(64), sa.ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True
+            "study_uid", sa.String(64), sa.ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True,
+            nullable=False,
         ),
         sa.Column("modality", sa.String(16), index=True),
         sa.Column("series_number", sa.Integer),
@@ -53,18 +54,20 @@ def upgrade() -> None:
         sa.Column("pps_start_date", sa.String(8)),
         sa.Column("pps_start_time", sa.String(16)),
         sa.Column("attributes", sa.Text, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     )
     op.create_table(
         "instances",
         sa.Column("sop_uid", sa.String(64), primary_key=True),
         sa.Column(
-            "series_uid", sa.String(64), sa.ForeignKey("series.series_uid", ondelete="CASCADE"), index=True
+            "series_uid", sa.String(64), sa.ForeignKey("series.series_uid", ondelete="CASCADE"), index=True,
+            nullable=False,
         ),
         sa.Column(
-            "study_uid", sa.String(64), sa.ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True
+            "study_uid", sa.String(64), sa.ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True,
+            nullable=False,
         ),
-        sa.Column("sop_class_uid", sa.String(64), index=True),
+        sa.Column("sop_class_uid", sa.String(64), index=True, nullable=False),
         sa.Column("instance_number", sa.Integer),
         sa.Column("rows", sa.Integer),
         sa.Column("columns", sa.Integer),
@@ -75,7 +78,7 @@ def upgrade() -> None:
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("pixel_layout", sa.Text),
         sa.Column("metadata_gz", sa.LargeBinary, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     )
     op.create_index("ix_instances_series_number", "instances", ["series_uid", "instance_number"])
 
