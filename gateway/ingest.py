@@ -147,8 +147,14 @@ def _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class) -> S
     try:
         with session_scope(conn.sessions) as session:
             record_instance(session, facts)
-            record_versions(session, ref.study_uid, ref.sop_uid, derived, "pending" if wanted else "skipped",
-                            None if wanted else why_not)
+            record_versions(
+                session,
+                ref.study_uid,
+                ref.sop_uid,
+                derived,
+                "pending" if wanted else "skipped",
+                None if wanted else why_not,
+            )
     except IntegrityError as exc:  # only possible if the lock expired mid-store
         raise InstanceRejected(
             DUPLICATE_SOP_INSTANCE,

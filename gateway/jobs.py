@@ -36,8 +36,14 @@ def enqueue_derive(connection: redis.Redis, ref: InstanceRef) -> bool:
     queue = Queue(DERIVE_QUEUE, connection=connection)
     try:
         queue.enqueue_call(
-            DERIVE, args=(ref.study_uid, ref.series_uid, ref.sop_uid), job_id=job_id("derive", ref.sop_uid),
-            timeout=3600, retry=RETRY, failure_ttl=MONTH, result_ttl=3600, unique=True,
+            DERIVE,
+            args=(ref.study_uid, ref.series_uid, ref.sop_uid),
+            job_id=job_id("derive", ref.sop_uid),
+            timeout=3600,
+            retry=RETRY,
+            failure_ttl=MONTH,
+            result_ttl=3600,
+            unique=True,
         )
     except DuplicateJobError:
         return False

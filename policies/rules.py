@@ -70,12 +70,20 @@ class VersionRules:
         return tuple(v for v in self.versions if v.kind is not Kind.ORIGINAL)
 
     def target_ratio(
-        self, version_id: str, modality: str | None, body_part: str | None = None,
-        study_description: str | None = None, series_description: str | None = None,
+        self,
+        version_id: str,
+        modality: str | None,
+        body_part: str | None = None,
+        study_description: str | None = None,
+        series_description: str | None = None,
     ) -> float:
         """The ratio a lossy version aims at: first matching rule, else the modality's, else the default."""
-        facts = {"modality": modality, "body_part": body_part, "study_description": study_description,
-                 "series_description": series_description}
+        facts = {
+            "modality": modality,
+            "body_part": body_part,
+            "study_description": study_description,
+            "series_description": series_description,
+        }
         for rule in self.rules:
             if version_id in rule.ratios and rule.applies(facts):
                 return rule.ratios[version_id]
@@ -126,7 +134,9 @@ class _Checker:
             raise RulesError(f"{path}: line 1: the file must be a mapping")
 
     def fail(self, where: list[Any], reason: str) -> RulesError:
-        return RulesError(f"{self.path}: line {_line(self.root, where)}: {'.'.join(map(str, where))}: {reason}")
+        return RulesError(
+            f"{self.path}: line {_line(self.root, where)}: {'.'.join(map(str, where))}: {reason}"
+        )
 
     def ratio_map(self, value: Any, where: list[Any], ids: set[str]) -> dict[str, float]:
         if not isinstance(value, dict):
@@ -134,7 +144,9 @@ class _Checker:
         out: dict[str, float] = {}
         for key, ratio in value.items():
             if key not in ids:
-                raise self.fail(where + [key], f"{key!r} is not a lossy version id ({', '.join(sorted(ids))})")
+                raise self.fail(
+                    where + [key], f"{key!r} is not a lossy version id ({', '.join(sorted(ids))})"
+                )
             if not isinstance(ratio, int | float) or isinstance(ratio, bool) or ratio <= 1:
                 raise self.fail(where + [key], f"ratio {ratio!r} must be a number above 1 (20 means 1/20)")
             out[key] = float(ratio)
@@ -172,7 +184,9 @@ def load_versions(path: Path) -> VersionRules:
     ratios = data.get("ratios") or {}
     default = check.ratio_map(ratios.get("default"), ["ratios", "default"], lossy)
     if set(default) != lossy:
-        raise check.fail(["ratios", "default"], f"needs a ratio for every lossy version ({', '.join(sorted(lossy))})")
+        raise check.fail(
+            ["ratios", "default"], f"needs a ratio for every lossy version ({', '.join(sorted(lossy))})"
+        )
     modalities = {
         str(name).upper(): check.ratio_map(value, ["ratios", "modalities", name], lossy)
         for name, value in (ratios.get("modalities") or {}).items()
@@ -184,8 +198,12 @@ def load_versions(path: Path) -> VersionRules:
         allowed = {"modality", "body_part", "study_description", "series_description"}
         if not isinstance(match, dict) or not match or not set(match) <= allowed:
             raise check.fail(where, f"match must map some of {', '.join(sorted(allowed))} to values")
-        rules.append(RatioRule({k: str(v) for k, v in match.items()},
-                               check.ratio_map(raw.get("ratios"), where + ["ratios"], lossy)))
+        rules.append(
+            RatioRule(
+                {k: str(v) for k, v in match.items()},
+                check.ratio_map(raw.get("ratios"), where + ["ratios"], lossy),
+            )
+        )
     none = data.get("no_versions") or {}
     return VersionRules(
         versions=tuple(versions),

@@ -224,9 +224,16 @@ def series_of(session: Session, series_uid: str) -> Series | None:
 
 
 def record_versions(
-    session: Session, study_uid: str, sop_uid: str, version_ids: list[str], state: str, reason: str | None = None
+    session: Session,
+    study_uid: str,
+    sop_uid: str,
+    version_ids: list[str],
+    state: str,
+    reason: str | None = None,
 ) -> None:
     """One row per derived version, in the same transaction as its instance: the index knows what is owed."""
     for version_id in version_ids:
-        session.add(Version(sop_uid=sop_uid, version_id=version_id, study_uid=study_uid, state=state, reason=reason))
+        session.add(
+            Version(sop_uid=sop_uid, version_id=version_id, study_uid=study_uid, state=state, reason=reason)
+        )
     session.flush()
