@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Flask, Response, current_app, g, json, request
 
+from gateway import logs
 from gateway.auth import Identity, identify
 from gateway.connections import Connections
 from gateway.errors import Forbidden, GatewayError, PolicyDenied
@@ -89,6 +90,7 @@ def install_error_handlers(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        logs.request_id.set(g.request_id)
 
     @app.errorhandler(GatewayError)
     def _gateway_error(error: GatewayError) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
@@ -12,6 +13,9 @@ from gateway.settings import Settings
 
 _configured = False
 audit_log = logging.getLogger("gateway.audit")
+# Set by the HTTP layer per request and by the worker per job; read by every log record.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,16 +36,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class ContextFilter(logging.Filter):
-    """Adds the Flask request id when there is a request, else nothing."""
+    """Adds the current request or job id, so one request's records can be found together."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            from flask import g, has_request_context
-
-            if has_request_context() and "request_id" in g:
-                record.request_id = g.request_id
-        except ImportError:  # workers run without Flask
-            pass
+        if (value := request_id.get()) is not None:
+            record.request_id = value
+        if (value := job_id.get()) is not None:
+            record.job_id = value
         return True
 
 
@@ -55,6 +56,7 @@ def configure(settings: Settings, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     _configured = True
 
 

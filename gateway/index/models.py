@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, func
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -87,7 +98,9 @@ class Version(Base):
 
     __tablename__ = "versions"
 
-    sop_uid: Mapped[str] = mapped_column(ForeignKey("instances.sop_uid", ondelete="CASCADE"), primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(
+        ForeignKey("instances.sop_uid", ondelete="CASCADE"), primary_key=True
+    )
     version_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True, default="pending")

@@ -106,9 +106,10 @@ class LocalBucket:
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.root
-        start = base / prefix if prefix else base
-        search = start if start.is_dir() else start.parent
-        if not search.exists():
+        # S3 semantics: a string prefix, not a folder ("studies/1" also matches "studies/10/...").
+        folder = prefix.rpartition("/")[0]
+        search = base / folder if folder else base
+        if not search.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(search):
             if Path(dirpath) == base:
