@@ -64,30 +64,47 @@ _STUDY_COMPUTED = {MODALITIES_IN_STUDY, SOP_CLASSES_IN_STUDY, STUDY_SERIES, STUD
 # PS3.18 Tables 10.6.3-3/-4/-5 (plus Study Description, which every viewer's study list shows),
 # as (tag, column name or None when the value only comes from the stored attributes).
 _STUDY_DEFAULTS = (
-    ("00080005", None), ("00080020", "study_date"), ("00080030", "study_time"),
-    ("00080050", "accession_number"), ("00080090", "referring_physician_name"), ("00080201", None),
-    ("00081030", "study_description"), ("00100010", "patient_name"), ("00100020", "patient_id"),
-    ("00100030", "patient_birth_date"), ("00100040", "patient_sex"), ("0020000D", "study_uid"),
+    ("00080005", None),
+    ("00080020", "study_date"),
+    ("00080030", "study_time"),
+    ("00080050", "accession_number"),
+    ("00080090", "referring_physician_name"),
+    ("00080201", None),
+    ("00081030", "study_description"),
+    ("00100010", "patient_name"),
+    ("00100020", "patient_id"),
+    ("00100030", "patient_birth_date"),
+    ("00100040", "patient_sex"),
+    ("0020000D", "study_uid"),
     ("00200010", "study_id"),
 )
 _SERIES_DEFAULTS = (
-    ("00080005", None), ("00080060", "modality"), ("00080201", None), ("0008103E", "series_description"),
-    ("0020000D", "study_uid"), ("0020000E", "series_uid"), ("00200011", "series_number"),
-    ("00400244", "pps_start_date"), ("00400245", "pps_start_time"), ("00400275", None),
+    ("00080005", None),
+    ("00080060", "modality"),
+    ("00080201", None),
+    ("0008103E", "series_description"),
+    ("0020000D", "study_uid"),
+    ("0020000E", "series_uid"),
+    ("00200011", "series_number"),
+    ("00400244", "pps_start_date"),
+    ("00400245", "pps_start_time"),
+    ("00400275", None),
 )
 _INSTANCE_DEFAULTS = (
-    ("00080005", None), ("00080016", "sop_class_uid"), ("00080018", "sop_uid"), ("00080201", None),
-    ("0020000D", "study_uid"), ("0020000E", "series_uid"), ("00200013", "instance_number"),
-    ("00280010", "rows"), ("00280011", "columns"), ("00280100", "bits_allocated"),
+    ("00080005", None),
+    ("00080016", "sop_class_uid"),
+    ("00080018", "sop_uid"),
+    ("00080201", None),
+    ("0020000D", "study_uid"),
+    ("0020000E", "series_uid"),
+    ("00200013", "instance_number"),
+    ("00280010", "rows"),
+    ("00280011", "columns"),
+    ("00280100", "bits_allocated"),
     ("00280008", "number_of_frames"),
 )
 # Stored attributes only returned when present (no empty element when the instance had none).
 _OPTIONAL = {"00080005", "00080201", "00400275"}
-_COLUMN_TAGS = {
-    level: {column: tag for tag, column in table if column}
-    for level, table in ((Level.STUDY, _STUDY_DEFAULTS), (Level.SERIES, _SERIES_DEFAULTS),
-                         (Level.INSTANCE, _INSTANCE_DEFAULTS))
-}
 
 
 @dataclass(frozen=True)
@@ -240,7 +257,9 @@ class _Search:
         if query.level is Level.STUDY:
             statement = select(*_columns(studies, "st_"))
             order: list[Any] = [
-                Study.study_date.desc().nulls_last(), Study.study_time.desc().nulls_last(), Study.study_uid
+                Study.study_date.desc().nulls_last(),
+                Study.study_time.desc().nulls_last(),
+                Study.study_uid,
             ]
         elif query.level is Level.SERIES:
             statement = select(*_columns(series, "se_"), *_columns(studies, "st_")).select_from(
@@ -304,7 +323,7 @@ class _Search:
             .where(Instance.series_uid.in_(series_uids))
             .group_by(Instance.series_uid)
         )
-        return dict(rows.tuples().all())
+        return {series_uid: count for series_uid, count in rows}
 
     def _metadata(self, sop_uids: list[str]) -> dict[str, dict[str, Any]]:
         rows = self.session.execute(
