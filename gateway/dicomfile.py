@@ -238,3 +238,15 @@ def _map_fragments(
     if len(fragments) == frame_count:
         return [[s] for s in slices]
     return None
+
+
+def read_frame(fp: BinaryIO, layout: PixelLayout, index: int) -> bytes:
+    """Frame `index` (0-based) of a local file: a native slice, or the frame's fragments joined."""
+    assert layout.frames is not None
+    entry = layout.frames[index]
+    slices = entry if layout.encapsulated else [entry]
+    chunks = []
+    for offset, length in slices:
+        fp.seek(offset)
+        chunks.append(fp.read(length))
+    return b"".join(chunks)

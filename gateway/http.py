@@ -92,6 +92,10 @@ def install_error_handlers(app: Flask) -> None:
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         logs.request_id.set(g.request_id)
 
+    @app.teardown_request
+    def _forget_request_id(_error: BaseException | None) -> None:
+        logs.request_id.set(None)
+
     @app.errorhandler(GatewayError)
     def _gateway_error(error: GatewayError) -> Response:
         if error.status >= 500:
