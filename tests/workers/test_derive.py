@@ -196,3 +196,18 @@ def test_a_storage_fault_fails_the_attempt_and_a_retry_completes(client, conn: C
     conn.hot.put_file = put  # type: ignore[method-assign]
     derive(conn, ref)
     assert versions(conn, ds.SOPInstanceUID)["lossless"].state == "ready"
+
+
+def test_pending_versions_are_queued_again_after_redis_lost_the_queue(client, conn: Connections) -> None:
+    from datetime import timedelta
+
+    from workers.reconcile import requeue_pending
+
+    ds = make_ct(rows=128, columns=128)
+    store(client, [to_bytes(ds)])
+    conn.redis.flushall()  # Redis lost: the queue and its job are gone, the index still says pending
+    work(conn)
+    assert {v.state for v in versions(conn, ds.SOPInstanceUID).values()} == {"pending"}
+    assert requeue_pending(conn, older_than=timedelta(0)) == 1
+    work(conn)
+    assert versions(conn, ds.SOPInstanceUID)["lossless"].state == "ready"
