@@ -112,6 +112,12 @@ class RedisUnavailable(Unavailable):
     title = "Redis unavailable"
 
 
+class CodestreamError(GatewayError):
+    """A stored codestream that cannot be parsed or decoded: a fault of ours, never of the client."""
+
+    title = "Invalid codestream"
+
+
 class InstanceRejected(Exception):
     """One STOW part refused; carries the PS3.18 FailureReason code, never an HTTP status."""
 

@@ -24,6 +24,16 @@ REQUEST_SECONDS = Histogram(
 )
 STORED_INSTANCES = Counter("gateway_stow_instances_total", "STOW-RS parts by outcome", ["outcome"])
 STORED_BYTES = Counter("gateway_stow_bytes_total", "Bytes of instances stored")
+DERIVE_SECONDS = Histogram(
+    "gateway_derive_seconds",
+    "Time to derive every version of one instance",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+DERIVE_JOBS = Counter(
+    "gateway_derive_jobs_total",
+    "Derive job outcomes: done, retry (a fault, RQ tries again), failed (for good)",
+    ["outcome"],
+)
 
 
 def exposition() -> tuple[bytes, str]:

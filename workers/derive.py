@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
+from rq import get_current_job
 from sqlalchemy import select
 
 from gateway import codecs, keys
@@ -27,6 +28,7 @@ from gateway.dicomfile import PixelLayout, read_frame, read_header
 from gateway.errors import GatewayError
 from gateway.index.db import session_scope
 from gateway.index.models import Instance, Version
+from gateway.metrics import DERIVE_JOBS, DERIVE_SECONDS
 from gateway.pixels import ALWAYS_LOSSY, LOSSY_METHOD, UndecodablePixelData, decode_dataset, decode_frame
 from gateway.uids import InstanceRef
 from gateway.versions import LossyFacts, version_dataset
@@ -34,6 +36,17 @@ from policies.rules import Kind, VersionRules, VersionSpec
 from workers import context
 
 log = logging.getLogger(__name__)
+
+
+class DeriveFailed(Exception):
+    """The instance's pixels cannot be coded: retrying cannot help, the job goes to RQ's failed registry."""
+
+
+def _no_more_retries() -> None:
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0
+        job.save()
 
 
 @dataclass
@@ -74,9 +87,12 @@ def derive(conn: Connections, ref: InstanceRef) -> dict[str, str]:
             reason = getattr(exc, "detail", None) or str(exc)
             _finish_failed(conn, ref, owed, f"pixel data cannot be coded: {reason}", final=True)
             log.warning("derive of %s failed for good: %s", ref.sop_uid, reason)
-            return {v: "failed" for v in owed}
+            DERIVE_JOBS.labels("failed").inc()
+            _no_more_retries()
+            raise DeriveFailed(f"{ref.sop_uid}: {reason}") from exc
         except Exception as exc:
             _finish_failed(conn, ref, owed, f"{type(exc).__name__}: {exc}", final=False)
+            DERIVE_JOBS.labels("retry").inc()
             raise
         try:
             states = _store_all(conn, ref, header, work, results, _pixel_bytes(layout, source))
@@ -85,7 +101,10 @@ def derive(conn: Connections, ref: InstanceRef) -> dict[str, str]:
                 conn, ref, [v for v in owed if _state(conn, ref, v) != "ready"], str(exc), final=False
             )
             raise
-    log.info("derived %s in %.2fs: %s", ref.sop_uid, time.perf_counter() - started, states)
+    elapsed = time.perf_counter() - started
+    DERIVE_SECONDS.observe(elapsed)
+    DERIVE_JOBS.labels("done").inc()
+    log.info("derived %s in %.2fs: %s", ref.sop_uid, elapsed, states)
     return states
 
 

@@ -149,6 +149,12 @@ def test_undecodable_pixels_fail_visibly(client, conn: Connections) -> None:
     rows = versions(conn, ds.SOPInstanceUID)
     assert {row.state for row in rows.values()} == {"failed"}
     assert all("cannot be coded" in row.reason for row in rows.values())
+    from rq.registry import FailedJobRegistry
+
+    from gateway.jobs import job_id
+
+    failed = FailedJobRegistry(DERIVE_QUEUE, connection=conn.redis).get_job_ids()
+    assert failed == [job_id("derive", ds.SOPInstanceUID)]
 
 
 def test_an_already_lossy_original_keeps_its_lossy_history(
