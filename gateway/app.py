@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from gateway import api, cors, health, http, metadata, qido, stow, wado
+from gateway import api, cors, frames, health, http, metadata, qido, stow, wado
 from gateway.connections import Connections
 from gateway.logs import configure as configure_logs
 from gateway.settings import Settings
@@ -18,9 +18,10 @@ def create_app(settings: Settings | None = None, connections: Connections | None
     app.extensions["gateway"] = connections or Connections(settings)
     http.install_error_handlers(app)
     cors.install(app, settings.cors_origins)
-    for module in (stow, qido, wado, metadata):
+    for module in (stow, qido, wado, frames, metadata):
         app.register_blueprint(module.blueprint, url_prefix=http.DICOMWEB)
     app.register_blueprint(api.blueprint, url_prefix="/api")
+    app.register_blueprint(wado.api_blueprint, url_prefix="/api")
     app.register_blueprint(health.blueprint)
     health.install_request_metrics(app)
     return app

@@ -5,7 +5,8 @@ from __future__ import annotations
 from flask import Flask, Response, request
 
 EXPOSED = (
-    "X-Served-Version, X-Policy-Reason, X-Served-Resolution, Content-Range, Content-Length, Warning, Location"
+    "X-Served-Version, X-Policy-Reason, X-Served-Resolution, Content-Range, Content-Length, Warning, "
+    "Location, ETag"
 )
 ALLOWED_HEADERS = (
     "Authorization, Accept, Content-Type, Range, If-None-Match, If-Modified-Since, "

@@ -67,7 +67,7 @@ def read_header(path: str) -> tuple[Dataset, PixelLayout | None]:
     size = os.path.getsize(path)
     with open(path, "rb") as fp:
         try:
-            ds = read_partial(fp, stop_when=_stop_at_pixels, defer_size=None, force=False)
+            ds = read_partial(fp, stop_when=_stop_at_pixels, defer_size=None, force=_starts_with_file_meta(fp))
         except InvalidDicomError as exc:
             raise InstanceRejected(
                 CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no 128-byte preamble and DICM prefix)"
@@ -84,6 +84,14 @@ def read_header(path: str) -> tuple[Dataset, PixelLayout | None]:
             return ds, None
         layout = _locate(fp, size, syntax, ds)
     return ds, layout
+
+
+def _starts_with_file_meta(fp: BinaryIO) -> bool:
+    """Some clients (dicomweb-client writing a dataset without a preamble) send the File Meta group
+    without the 128-byte preamble and DICM prefix; accept that, but nothing else that lacks them."""
+    start = fp.read(8)
+    fp.seek(0)
+    return start[:2] == b"\x02\x00" and start[4:6].isalpha()  # File Meta is Explicit VR LE (PS3.10 7.1)
 
 
 def _deflated(path: str, header: Dataset) -> tuple[Dataset, PixelLayout | None]:

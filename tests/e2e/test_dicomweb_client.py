@@ -71,7 +71,12 @@ def test_retrieve_as_stored_returns_the_exact_bytes(
 
 def test_default_retrieve_decodes_compressed_originals(dicomweb: DICOMwebClient, stored) -> None:
     jpegls = stored[3]
-    ds = dicomweb.retrieve_instance(jpegls.StudyInstanceUID, jpegls.SeriesInstanceUID, jpegls.SOPInstanceUID)
+    ds = dicomweb.retrieve_instance(
+        jpegls.StudyInstanceUID,
+        jpegls.SeriesInstanceUID,
+        jpegls.SOPInstanceUID,
+        media_types=(("application/dicom", "1.2.840.10008.1.2.1"),),
+    )
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert np.array_equal(ds.pixel_array, jpegls.pixel_array)
 

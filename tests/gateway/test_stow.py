@@ -257,3 +257,21 @@ def test_uploader_may_store_but_referring_may_not(make_settings) -> None:
         client = create_app(conn.settings, conn).test_client()
         assert _post(client, [to_bytes(make_ct())]).status_code == status
         conn.close()
+
+
+def test_file_meta_without_preamble_is_accepted_but_no_file_meta_is_refused(
+    client, conn: Connections, shared_data: Path
+) -> None:
+    ds = make_ct()
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, write_like_original=True)  # what dicomweb-client sends: no preamble
+    assert buffer.getvalue()[:2] == b"\x02\x00"
+    assert _post(client, [buffer.getvalue()]).status_code == 200
+    odd = [
+        (shared_data / name).read_bytes()
+        for name in ("odd_no_file_meta.dcm", "odd_cr_chest_no_meta_acrnema.dcm")
+    ]
+    response = _post(client, odd)
+    assert response.status_code == 409
+    assert _failed(response) == [CANNOT_UNDERSTAND, CANNOT_UNDERSTAND]
+    assert _count(conn, Instance) == 1

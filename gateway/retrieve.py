@@ -1,0 +1,305 @@
+"""What a retrieve covers: the stored instances of a study, series or instance (index look-ups) and
+reads of their originals (headers, frames, byte ranges). Core: no Flask; bucket and index errors
+arrive already translated (ObjectNotFound, StorageUnavailable, IndexUnavailable)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, BinaryIO
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import case, select
+
+from gateway import keys
+from gateway.connections import Connections
+from gateway.errors import ObjectNotFound
+from gateway.index.db import session_scope
+from gateway.index.models import Instance
+from gateway.pixels import PixelModule
+from gateway.storage import Bucket
+from gateway.uids import InstanceRef, check_uid
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the Pixel Data value lies in the original (see gateway.dicomfile.PixelLayout).
+
+    frames[i] is [offset, length] for native data and [[offset, length], ...] fragments for
+    encapsulated data; None when frame boundaries are unknown (then decode the whole object)."""
+
+    encapsulated: bool
+    offset: int
+    length: int
+    frames: list[Any] | None
+    vr: str = "OB"
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Layout | None:
+        if not text:
+            return None
+        raw = json.loads(text)
+        return cls(
+            encapsulated=bool(raw.get("encapsulated")),
+            offset=int(raw.get("offset", -1)),
+            length=int(raw.get("length", -1)),
+            frames=raw.get("frames"),
+            vr=str(raw.get("vr") or "OB"),
+        )
+
+    @property
+    def seekable(self) -> bool:
+        """The value can be found by offset (not inside a deflated stream)."""
+        return self.offset >= 0
+
+    def element_start(self, transfer_syntax: str) -> int:
+        """File offset of the Pixel Data element's tag: 8 header bytes if implicit VR, else 12 (OB/OW)."""
+        return self.offset - (8 if UID(transfer_syntax).is_implicit_VR else 12)
+
+    def value_end(self) -> int | None:
+        """Offset just past the Pixel Data element (after the sequence delimiter when encapsulated)."""
+        if not self.seekable:
+            return None
+        if not self.encapsulated:
+            return self.offset + self.length if self.length >= 0 else None
+        if not self.frames:
+            return None
+        last = self.frames[-1][-1]
+        return int(last[0]) + int(last[1]) + 8  # PS3.5 A.4: (FFFE,E0DD) delimiter, 8 bytes
+
+    def frame_slices(self, index: int) -> list[tuple[int, int]]:
+        assert self.frames is not None
+        frame = self.frames[index]
+        if self.encapsulated:
+            return [(int(offset), int(length)) for offset, length in frame]
+        return [(int(frame[0]), int(frame[1]))]
+
+    def compressed_size(self) -> int:
+        """Total bytes of all fragments (for a lossy ratio); 0 when unknown."""
+        if not self.encapsulated or not self.frames:
+            return 0
+        return sum(int(length) for frame in self.frames for _offset, length in frame)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    ref: InstanceRef
+    sop_class_uid: str
+    transfer_syntax: str
+    size: int
+    sha256: str
+    number_of_frames: int
+    instance_number: int | None
+    layout: Layout | None
+
+    @property
+    def key(self) -> str:
+        return keys.original(self.ref)
+
+
+_COLUMNS = (
+    Instance.study_uid,
+    Instance.series_uid,
+    Instance.sop_uid,
+    Instance.sop_class_uid,
+    Instance.transfer_syntax_uid,
+    Instance.size,
+    Instance.sha256,
+    Instance.number_of_frames,
+    Instance.instance_number,
+    Instance.pixel_layout,
+)
+
+
+def _ordered(query: Any) -> Any:
+    """Instance Number order, unnumbered instances last, SOP Instance UID breaking ties (stable)."""
+    return query.order_by(
+        case((Instance.instance_number.is_(None), 1), else_=0), Instance.instance_number, Instance.sop_uid
+    )
+
+
+def find(
+    conn: Connections, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+) -> list[StoredInstance]:
+    """The stored instances a retrieve names, in series then instance order.
+
+    Raises:
+        InvalidUID: a UID is malformed (400).
+        ObjectNotFound: nothing is stored under these UIDs (404).
+    """
+    check_uid(study_uid, "StudyInstanceUID")
+    query = select(*_COLUMNS).where(Instance.study_uid == study_uid)
+    if series_uid is not None:
+        query = query.where(Instance.series_uid == check_uid(series_uid, "SeriesInstanceUID"))
+    if sop_uid is not None:
+        query = query.where(Instance.sop_uid == check_uid(sop_uid, "SOPInstanceUID"))
+    query = _ordered(query.order_by(Instance.series_uid))
+    with session_scope(conn.sessions) as session:
+        rows = session.execute(query).all()
+    if not rows:
+        raise ObjectNotFound(_missing(study_uid, series_uid, sop_uid))
+    return [
+        StoredInstance(
+            ref=InstanceRef(row.study_uid, row.series_uid, row.sop_uid),
+            sop_class_uid=row.sop_class_uid,
+            transfer_syntax=row.transfer_syntax_uid,
+            size=int(row.size),
+            sha256=row.sha256,
+            number_of_frames=max(1, int(row.number_of_frames or 1)),
+            instance_number=row.instance_number,
+            layout=Layout.from_json(row.pixel_layout),
+        )
+        for row in rows
+    ]
+
+
+def _missing(study_uid: str, series_uid: str | None, sop_uid: str | None) -> str:
+    if sop_uid is not None:
+        return f"no instance {sop_uid} in series {series_uid} of study {study_uid}"
+    if series_uid is not None:
+        return f"no series {series_uid} in study {study_uid}"
+    return f"no study {study_uid}"
+
+
+def one(conn: Connections, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
+    return find(conn, study_uid, series_uid, sop_uid)[0]
+
+
+def instance_metadata(conn: Connections, ref: InstanceRef) -> bytes:
+    """The gzip of the instance's DICOM JSON (BulkDataURI tokenised), as indexed at STOW.
+
+    Raises:
+        ObjectNotFound: no such instance in that series and study.
+    """
+    query = select(Instance.metadata_gz).where(
+        Instance.sop_uid == check_uid(ref.sop_uid, "SOPInstanceUID"),
+        Instance.series_uid == check_uid(ref.series_uid, "SeriesInstanceUID"),
+        Instance.study_uid == check_uid(ref.study_uid, "StudyInstanceUID"),
+    )
+    with session_scope(conn.sessions) as session:
+        value = session.execute(query).scalar_one_or_none()
+    if value is None:
+        raise ObjectNotFound(_missing(ref.study_uid, ref.series_uid, ref.sop_uid))
+    return bytes(value)
+
+
+def pixel_module(conn: Connections, ref: InstanceRef) -> PixelModule:
+    """The Image Pixel attributes, from the indexed metadata (no bucket read)."""
+    document = json.loads(gzip.decompress(instance_metadata(conn, ref)))
+    return pixel_module_from_json(document)
+
+
+def pixel_module_from_json(document: dict[str, Any]) -> PixelModule:
+    ds = Dataset()
+    for tag, keyword in (
+        ("00280010", "Rows"),
+        ("00280011", "Columns"),
+        ("00280002", "SamplesPerPixel"),
+        ("00280100", "BitsAllocated"),
+        ("00280101", "BitsStored"),
+        ("00280103", "PixelRepresentation"),
+        ("00280004", "PhotometricInterpretation"),
+        ("00280006", "PlanarConfiguration"),
+        ("00280008", "NumberOfFrames"),
+    ):
+        values = document.get(tag, {}).get("Value") or []
+        if values and values[0] is not None:
+            setattr(ds, keyword, values[0])
+    return PixelModule.from_dataset(ds)
+
+
+def originals(conn: Connections) -> Bucket:
+    """The bucket holding originals; the lifecycle work adds the cold tier behind this one name."""
+    return conn.originals
+
+
+def read_frame(bucket: Bucket, key: str, layout: Layout, index: int) -> bytes:
+    """One frame's stored bytes (a codestream, or native pixels) with a single range read.
+
+    The fragments of one frame lie in order with only 8-byte item headers between them, so one read
+    spans them all and the headers are cut out here."""
+    slices = layout.frame_slices(index)
+    start = slices[0][0]
+    end = slices[-1][0] + slices[-1][1]
+    data = bucket.get_range(key, start, end - start)
+    if len(slices) == 1:
+        return data
+    return b"".join(data[offset - start : offset - start + length] for offset, length in slices)
+
+
+def read_header(bucket: Bucket, instance: StoredInstance) -> Dataset:
+    """The data set up to (not including) its Pixel Data, read with one range request.
+
+    Objects without locatable pixel data (no Pixel Data, or deflated) are read whole; they are small."""
+    layout = instance.layout
+    if layout is not None and layout.seekable:
+        data = bucket.get_range(instance.key, 0, layout.element_start(instance.transfer_syntax))
+    else:
+        data = bucket.get_bytes(instance.key)
+    return dcmread(BytesIO(data), force=True, stop_before_pixels=True)
+
+
+def read_whole(bucket: Bucket, instance: StoredInstance) -> Dataset:
+    return dcmread(BytesIO(bucket.get_bytes(instance.key)), force=True)
+
+
+def stream_range(bucket: Bucket, key: str, start: int, length: int, chunk: int = CHUNK) -> Iterator[bytes]:
+    """Bytes [start, start+length) of an object, in range reads of at most `chunk` bytes."""
+    end = start + length
+    position = start
+    while position < end:
+        size = min(chunk, end - position)
+        data = bucket.get_range(key, position, size)
+        if not data:
+            raise ObjectNotFound(f"object {key} ended at {position}, before {end}")
+        yield data
+        position += len(data)
+
+
+class ObjectStream:
+    """A whole object as chunks, opened at construction (so a missing object fails before a response
+    starts) and closed when exhausted or when the server closes the response (WSGI close())."""
+
+    def __init__(self, bucket: Bucket, key: str, chunk: int = CHUNK) -> None:
+        self._handle: BinaryIO | None = bucket.open(key)
+        self._chunk = chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        handle = self._handle
+        if handle is None:
+            return
+        try:
+            while True:
+                data = handle.read(self._chunk)
+                if not data:
+                    break
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+
+
+def stream_object(bucket: Bucket, key: str, chunk: int = CHUNK) -> ObjectStream:
+    """A whole object as a stream of chunks; never held in memory."""
+    return ObjectStream(bucket, key, chunk)
+
+
+def swap_words(data: bytes, width: int) -> bytes:
+    """Big-endian words of `width` bytes (2, 4 or 8) to little-endian (Explicit VR Big Endian values)."""
+    if width <= 1 or len(data) < width:
+        return data
+    whole = len(data) - len(data) % width
+    swapped = np.frombuffer(data, dtype=f">u{width}", count=whole // width).astype(f"<u{width}").tobytes()
+    return swapped + data[whole:]
