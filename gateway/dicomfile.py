@@ -67,7 +67,9 @@ def read_header(path: str) -> tuple[Dataset, PixelLayout | None]:
     size = os.path.getsize(path)
     with open(path, "rb") as fp:
         try:
-            ds = read_partial(fp, stop_when=_stop_at_pixels, defer_size=None, force=_starts_with_file_meta(fp))
+            ds = read_partial(
+                fp, stop_when=_stop_at_pixels, defer_size=None, force=_starts_with_file_meta(fp)
+            )
         except InvalidDicomError as exc:
             raise InstanceRejected(
                 CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no 128-byte preamble and DICM prefix)"
