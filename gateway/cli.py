@@ -338,5 +338,201 @@ def migrate() -> None:
     click.echo("index schema is up to date")
 
 
+@main.command()
+@click.option("--role", "roles", required=True, multiple=True, help="a role of access.yaml (repeatable)")
+@click.option("--sub", "subject", default=None, help="the token's subject (default: local-ROLE)")
+@click.option("--groups", default="", help="comma-separated groups (for group client profiles)")
+@click.option("--ttl", default=8 * 3600, show_default=True, help="seconds the token is valid")
+def token(roles: tuple[str, ...], subject: str | None, groups: str, ttl: int) -> None:
+    """Print a bearer token that AUTH_MODE=local accepts, signed with the key under DATA_DIR."""
+    from gateway.auth import mint_local_token
+    from gateway.errors import RulesError
+    from policies.rules import RulesStore
+
+    settings = load_settings()
+    try:
+        known = RulesStore(settings.policies_dir).access.roles
+    except RulesError as exc:
+        raise click.ClickException(str(exc)) from exc
+    unknown = [r for r in roles if r not in known]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: roles are {', '.join(known)}", param_hint="--role")
+    if ttl <= 0:
+        raise click.BadParameter("must be positive", param_hint="--ttl")
+    if settings.auth_mode != "local":
+        mode = settings.auth_mode
+        click.echo(f"note: AUTH_MODE is {mode}; only AUTH_MODE=local accepts this token", err=True)
+    group_list = [g.strip() for g in groups.split(",") if g.strip()]
+    click.echo(mint_local_token(settings, roles, subject, group_list, ttl))
+
+
+@main.group()
+def rules() -> None:
+    """The rule files in policies/ (versions.yaml, access.yaml)."""
+
+
+@rules.command("check")
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder to check (default: POLICIES_DIR)")  # fmt: skip
+def rules_check(folder: Path | None) -> None:
+    """Validate the rule files before they go live; running gateways pick up edited files by
+    themselves within access.yaml's reload_check_seconds, and keep the last good rules when a file is bad."""
+    from gateway.errors import RulesError
+    from policies.rules import RulesStore
+
+    folder = folder or load_settings().policies_dir
+    store = RulesStore(folder)
+    try:
+        store.reload(require_access=True)
+    except RulesError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{folder}: versions.yaml and access.yaml are good (generation {store.generation})")
+
+
+def _lifecycle_rules(settings: Settings, rules_file: Path | None, preset: str | None):  # type: ignore[no-untyped-def]
+    """lifecycle.yaml, a --rules file or a --preset, checked against versions.yaml."""
+    from gateway.errors import RulesError
+    from policies.lifecycle import load_lifecycle, rules_path
+    from policies.rules import load_versions
+
+    try:
+        path = rules_path(settings.policies_dir, rules_file, preset)
+        return load_lifecycle(path, load_versions(settings.policies_dir / "versions.yaml"))
+    except RulesError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _lifecycle_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--preset",
+        default=None,
+        help="a preset of policies/presets (archive-originals, mirror, archive-lossy)",
+    )(command)
+    return click.option(
+        "--rules", "rules_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+        help="a lifecycle rules file (default: policies/lifecycle.yaml)",
+    )(command)  # fmt: skip
+
+
+@main.group()
+def lifecycle() -> None:
+    """Tiers and lifecycle: S3-native rules per bucket, and the mover between buckets."""
+
+
+@lifecycle.command("plan")
+@_lifecycle_options
+def lifecycle_plan(rules_file: Path | None, preset: str | None) -> None:
+    """Print, per bucket, the JSON boto3's put_bucket_lifecycle_configuration takes (null: none)."""
+    import json
+
+    settings = load_settings()
+    rules = _lifecycle_rules(settings, rules_file, preset)
+    buckets = {
+        "originals": settings.originals_bucket,
+        "hot": settings.hot_bucket,
+        "cold": settings.cold_bucket,
+    }
+    click.echo(json.dumps(rules.render(buckets), indent=2))
+
+
+@lifecycle.command("apply")
+@_lifecycle_options
+def lifecycle_apply(rules_file: Path | None, preset: str | None) -> None:
+    """Put each bucket's lifecycle configuration (removing it where the rules render none)."""
+    from gateway.connections import Connections
+    from gateway.storageclass import apply_configurations
+
+    settings = load_settings()
+    rules = _lifecycle_rules(settings, rules_file, preset)
+    connections = Connections(settings)
+    try:
+        for bucket, what in apply_configurations(connections, rules).items():
+            click.echo(f"{bucket}: {what}")
+    except GatewayError as exc:
+        raise click.ClickException(exc.detail) from exc
+    finally:
+        connections.close()
+
+
+@lifecycle.command("run")
+@_lifecycle_options
+@click.option("--dry-run", is_flag=True, help="list what would move; change nothing")
+def lifecycle_run(rules_file: Path | None, preset: str | None, dry_run: bool) -> None:
+    """Run the mover once: copy, verify, record, then delete, for every object due (exit 1 on failures)."""
+    from gateway.connections import Connections
+    from workers.lifecycle import run
+
+    settings = load_settings()
+    rules = _lifecycle_rules(settings, rules_file, preset)
+    connections = Connections(settings)
+    try:
+        report = run(connections, rules, dry_run=dry_run)
+    except GatewayError as exc:
+        raise click.ClickException(exc.detail) from exc
+    finally:
+        connections.close()
+    for outcome in report.outcomes:
+        if outcome.result == "planned":
+            verb = "would move" if outcome.action == "move" else "would copy"
+            click.echo(f"{verb} {outcome.key} -> cold ({outcome.storage_class}): {outcome.reason}")
+        elif outcome.result in ("failed", "skipped"):
+            click.echo(f"{outcome.result} {outcome.key}: {outcome.reason}")
+    counts = ", ".join(f"{name} {count}" for name, count in sorted(report.counts.items())) or "nothing due"
+    summary = report.as_json()
+    click.echo(
+        f"{'dry run: ' if dry_run else ''}{counts}; {report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s"
+        + (f"; {report.finished_leaving} leaving copies deleted" if report.finished_leaving else "")
+        + (f"; stopped: {summary['stopped']}" if report.stopped else "")
+    )
+    if report.counts.get("failed"):
+        raise SystemExit(1)
+
+
+@main.group("index")
+def index_group() -> None:
+    """The SQL index: rebuilt from the buckets alone when lost."""
+
+
+@index_group.command("rebuild")
+@click.option("--wipe", is_flag=True, help="empty the index first (otherwise only what is missing is added)")
+def index_rebuild(wipe: bool) -> None:
+    """Rebuild studies, series, instances, versions, locations, checksums and diagnosis status from the
+    buckets (originals, hot, cold) and each study's study.json."""
+    from gateway.connections import Connections
+    from gateway.index.rebuild import rebuild
+
+    connections = Connections(load_settings())
+    try:
+        report = rebuild(connections, wipe=wipe)
+    except GatewayError as exc:
+        raise click.ClickException(exc.detail) from exc
+    finally:
+        connections.close()
+    for line in report.lines():
+        click.echo(line)
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="fix what can be fixed (otherwise read-only)")
+@click.option("--deep", is_flag=True, help="hash every readable object instead of trusting stored checksums")
+def fsck(repair: bool, deep: bool) -> None:
+    """Compare the index with the buckets: rows without objects, objects without rows, checksum
+    mismatches (exit 1 when something is wrong and was not repaired)."""
+    from gateway.connections import Connections
+    from gateway.fsck import check
+
+    connections = Connections(load_settings())
+    try:
+        report = check(connections, repair=repair, deep=deep)
+    except GatewayError as exc:
+        raise click.ClickException(exc.detail) from exc
+    finally:
+        connections.close()
+    for line in report.lines():
+        click.echo(line)
+    if report.unrepaired:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

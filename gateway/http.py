@@ -6,14 +6,14 @@ import logging
 import uuid
 from typing import Any
 
-from flask import Flask, Response, current_app, g, json, request
+from flask import Flask, Response, abort, current_app, g, json, request
 
 from gateway import logs
 from gateway.auth import Identity, identify
 from gateway.connections import Connections
-from gateway.errors import Forbidden, GatewayError, PolicyDenied
+from gateway.errors import Forbidden, GatewayError, PolicyDenied, Unauthorized
 from gateway.settings import Settings
-from policies.permissions import Action, may, reason_denied
+from policies.permissions import Action
 
 log = logging.getLogger(__name__)
 DICOMWEB = "/dicomweb"
@@ -28,16 +28,31 @@ def settings() -> Settings:
 
 
 def identity() -> Identity:
+    """The caller, once per request. A rejected token ends the request here: 401 with the
+    WWW-Authenticate challenge of RFC 6750 3 beside the problem body."""
     if "identity" not in g:
-        g.identity = identify(settings(), request.headers.get("Authorization"), request.remote_addr)
+        conn = services()
+        try:
+            g.identity = identify(
+                conn.settings, request.headers.get("Authorization"), request.remote_addr, conn.rules.access
+            )
+        except Unauthorized as error:
+            response = problem(error)
+            response.headers["WWW-Authenticate"] = getattr(error, "challenge", 'Bearer realm="dicomweb"')
+            abort(response)
     return g.identity
 
 
 def authorize(action: Action) -> Identity:
-    """The one permission check every route makes; the policy engine hooks in here."""
+    """The one permission check every route makes, against access.yaml's roles (403 with the reason)."""
     who = identity()
-    if not may(who.roles, action):
-        raise Forbidden(reason_denied(who.roles, action))
+    rules = services().rules.access
+    if not rules.may(who.roles, action):
+        if not who.roles:
+            raise Forbidden(f"the token carries no role this gateway knows, so it may not {action.value}")
+        able = ", ".join(name for name, role in rules.roles.items() if action in role.may) or "no role"
+        names = ", ".join(sorted(who.roles))
+        raise Forbidden(f"role {names} may not {action.value} (roles that may: {able})")
     return who
 
 

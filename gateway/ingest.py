@@ -12,7 +12,7 @@ import redis
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import IntegrityError
 
-from gateway import keys
+from gateway import diagnosis, keys
 from gateway.connections import Connections
 from gateway.dicomfile import read_header
 from gateway.dicomjson import compress, instance_json
@@ -96,7 +96,10 @@ def ingest(conn: Connections, path: str, sha256: str, size: int, expected_study:
     except redis.RedisError as exc:
         raise RedisUnavailable(f"Redis: {type(exc).__name__}") from exc
     try:
-        return _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class)
+        stored = _store_locked(conn, path, sha256, size, header, pixels, ref, sop_class)
+        # Also on identical re-stores, so a retry heals a status update that an index fault interrupted.
+        diagnosis.on_instance_stored(conn, ref.study_uid, sop_class, header)
+        return stored
     finally:
         try:
             lock.release()

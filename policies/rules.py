@@ -3,15 +3,23 @@ and reason, and the last good rules stay in force. Pure: PyYAML and the standard
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from gateway.errors import RulesError
+
+if TYPE_CHECKING:
+    from policies.access import AccessRules
+
+log = logging.getLogger(__name__)
 
 
 class Purpose(StrEnum):
@@ -219,21 +227,92 @@ def load_versions(path: Path) -> VersionRules:
 
 @dataclass
 class RulesStore:
-    """The rules in force; reload() swaps them only when the new files are good."""
+    """The rules in force; reload() swaps them only when the new files are good.
+
+    Reloads without a restart: each read of `versions` or `access` checks, at most every
+    `reload_check_seconds` (access.yaml, default 5), whether a file's modification time changed and
+    reloads then; a bad file is logged once and the last good rules stay in force. access.yaml is
+    optional until someone asks for the access rules (the versions tests use a folder without it)."""
 
     folder: Path
     _versions: VersionRules | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _access: AccessRules | None = None
+    _stamps: tuple[tuple[str, float], ...] = ()
+    _checked_at: float = 0.0
+    _refused: tuple[tuple[str, float], ...] = ()
+    generation: str = ""
+    last_error: str | None = None
 
     @property
     def versions(self) -> VersionRules:
         if self._versions is None:
             self.reload()
+        else:
+            self._maybe_reload()
         assert self._versions is not None
         return self._versions
 
-    def reload(self) -> None:
-        """Raises RulesError and keeps the previous rules when a file is bad."""
-        fresh = load_versions(self.folder / "versions.yaml")
+    @property
+    def access(self) -> AccessRules:
+        if self._access is None:
+            self.reload(require_access=True)
+        else:
+            self._maybe_reload()
+        assert self._access is not None
+        return self._access
+
+    def _files(self) -> tuple[Path, Path]:
+        return self.folder / "versions.yaml", self.folder / "access.yaml"
+
+    def _current_stamps(self) -> tuple[tuple[str, float], ...]:
+        stamps = []
+        for path in self._files():
+            try:
+                stamps.append((path.name, path.stat().st_mtime))
+            except OSError:
+                stamps.append((path.name, -1.0))
+        return tuple(stamps)
+
+    def _maybe_reload(self) -> None:
+        """Reload when a file changed since the last load; never raises (the last good rules stay)."""
+        interval = self._access.reload_check_seconds if self._access is not None else 5.0
+        now = time.monotonic()
+        if now - self._checked_at < interval:
+            return
+        self._checked_at = now
+        stamps = self._current_stamps()
+        if stamps == self._stamps or stamps == self._refused:
+            return
+        try:
+            self.reload(require_access=self._access is not None)
+        except RulesError as exc:
+            self._refused = stamps
+            self.last_error = str(exc)
+            log.error("rules not reloaded, the last good rules stay in force: %s", exc)
+
+    def reload(self, require_access: bool = False) -> None:
+        """Load both files, then swap them in together.
+
+        Raises:
+            RulesError: a file is bad (the previous rules stay in force).
+        """
+        from policies.access import load_access  # access.py builds on this module's checker
+
+        stamps = self._current_stamps()
+        versions_path, access_path = self._files()
+        fresh = load_versions(versions_path)
+        access = None
+        if require_access or self._access is not None or access_path.exists():
+            access = load_access(access_path, fresh)
+        digest = hashlib.sha256()
+        for path in (versions_path, access_path):
+            digest.update(path.read_bytes() if path.exists() else b"")
         with self._lock:
             self._versions = fresh
+            if access is not None:
+                self._access = access
+            self._stamps = stamps
+            self._checked_at = time.monotonic()
+            self.generation = digest.hexdigest()[:12]
+            self.last_error = None

@@ -8,7 +8,7 @@ import redis
 from rq import Worker
 
 from gateway.logs import configure as configure_logs
-from workers import context, reconcile
+from workers import context, lifecycle, reconcile
 
 QUEUES = ("derive", "default")
 log = logging.getLogger(__name__)
@@ -24,13 +24,15 @@ def run(burst: bool = False) -> bool:
     connection = redis.Redis.from_url(settings.redis_url)
     worker = Worker(list(QUEUES), connection=connection)
     stop_reconciler = None if burst else reconcile.start_background(context.connections())
+    stop_mover = None if burst else lifecycle.start_background(context.connections())
     log.info("worker %s listening on %s", worker.name, ", ".join(QUEUES))
     try:
         # The scheduler moves retries with an interval (gateway.jobs.RETRY) back onto their queue.
         return worker.work(burst=burst, logging_level="INFO", with_scheduler=True)
     finally:
-        if stop_reconciler is not None:
-            stop_reconciler.set()
+        for stop in (stop_reconciler, stop_mover):
+            if stop is not None:
+                stop.set()
         connection.close()
         context.reset()
 

@@ -22,7 +22,7 @@ from pydicom.pixels import apply_color_lut
 from rq import get_current_job
 from sqlalchemy import select
 
-from gateway import codecs, keys
+from gateway import codecs, keys, tiers
 from gateway.connections import Connections
 from gateway.dicomfile import PixelLayout, read_frame, read_header
 from gateway.errors import GatewayError
@@ -78,7 +78,8 @@ def derive(conn: Connections, ref: InstanceRef) -> dict[str, str]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="derive-") as work:
         source = os.path.join(work, "original.dcm")
-        with conn.originals.open(keys.original(ref)) as body, open(source, "wb") as out:
+        # Through the tiers: a re-derive works when the original is cold; archived, the job retries later.
+        with tiers.originals(conn).open(keys.original(ref)) as body, open(source, "wb") as out:
             shutil.copyfileobj(body, out, 1 << 20)
         try:
             header, layout = read_header(source)

@@ -117,3 +117,64 @@ class Version(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class DiagnosisEvent(Base):
+    """One change of a study's diagnosis status: who, when, from, to, and what caused it (an API call,
+    or the status rule an object stored in the study matched). Mirrored in the study's study.json."""
+
+    __tablename__ = "diagnosis_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    who: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str | None] = mapped_column(String(32))
+    from_status: Mapped[int] = mapped_column(Integer)
+    to_status: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(200))
+    sop_uid: Mapped[str | None] = mapped_column(String(64))
+
+
+class ClientProfileRecord(Base):
+    """A client profile an admin registered for a user ("user:NAME") or a group ("group:NAME"):
+    display size, decode capability, location, bandwidth. Redis holds the hot copy."""
+
+    __tablename__ = "client_profiles"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    body: Mapped[str] = mapped_column(Text)
+    updated_by: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class Location(Base):
+    """One copy of one object (an original, or a version: version_id set) in one tier's bucket: its
+    storage class, size and SHA-256, since when, and the state of an archive restore. An object without
+    any row is in its home bucket (originals, or hot for versions) in STANDARD (gateway/tiers.py)."""
+
+    __tablename__ = "locations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_uid: Mapped[str] = mapped_column(ForeignKey("instances.sop_uid", ondelete="CASCADE"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "original" or "version"
+    version_id: Mapped[str | None] = mapped_column(String(32))
+    tier: Mapped[str] = mapped_column(String(16))  # originals, hot or cold
+    bucket: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(String(512))
+    storage_class: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # ok; leaving (the mover deletes this copy: another one is verified); corrupt (checksum mismatch)
+    state: Mapped[str] = mapped_column(String(16), default="ok", server_default="ok")
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    restore_state: Mapped[str | None] = mapped_column(String(16))  # requested, ready
+    restore_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    restore_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pinned_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("uq_locations_tier_key", "tier", "key", unique=True),)
