@@ -128,14 +128,16 @@ def _store(study_uid: str | None) -> Response:
 
 
 def _refresh_series(conn: object, touched: set[tuple[str, str]]) -> None:
-    """Keep the per-series metadata documents current; a failure here heals on the next read."""
-    from gateway import seriesdoc
+    """Keep the per-series metadata documents current: one queued rebuild per series, shared by every
+    request storing into it (rebuilding here made a series of N instances cost O(N^2)); a reader finds
+    the document current or has it rebuilt (seriesdoc.load compares it with the index)."""
+    from gateway.jobs import enqueue_series_refresh
 
     for study_uid, series_uid in sorted(touched):
         try:
-            seriesdoc.rebuild(conn, study_uid, series_uid)  # type: ignore[arg-type]
+            enqueue_series_refresh(conn.redis, study_uid, series_uid)  # type: ignore[attr-defined]
         except GatewayError as error:
-            log.warning("series metadata of %s not refreshed: %s", series_uid, error.detail)
+            log.warning("series metadata of %s not queued for refresh: %s", series_uid, error.detail)
 
 
 def _render(
