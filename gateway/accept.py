@@ -288,6 +288,24 @@ def select(ranges: Sequence[MediaRange], offers: Sequence[Offer]) -> Choice | No
     return None
 
 
+def accepted_syntaxes(ranges: Sequence[MediaRange]) -> tuple[str, ...]:
+    """The transfer syntaxes the ranges ask for, best first: ANY_SYNTAX ("as stored") where a range
+    takes whatever is stored, a media type's syntaxes where it names no syntax (PS3.18 8.7.3.5)."""
+    found: list[str] = []
+    for wanted in ranges:
+        if wanted.transfer_syntax:
+            found.append(wanted.transfer_syntax)
+        elif wanted.media_type == "*/*":
+            found.append(ExplicitVRLittleEndian)
+        elif wanted.is_wildcard:
+            found.append(ANY_SYNTAX)
+        elif wanted.media_type in IMAGE_TYPES:
+            found.extend(IMAGE_TYPES[wanted.media_type])
+        else:
+            found.append(DEFAULT_SYNTAX.get(wanted.media_type, ExplicitVRLittleEndian))
+    return tuple(dict.fromkeys(found))
+
+
 def describe(ranges: Sequence[MediaRange]) -> str:
     return ", ".join(str(r) for r in ranges)
 

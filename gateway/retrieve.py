@@ -4,9 +4,10 @@ arrive already translated (ObjectNotFound, StorageUnavailable, IndexUnavailable)
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, BinaryIO
@@ -14,10 +15,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import case, select
 
-from gateway import keys
+from gateway import keys, pixels
 from gateway.connections import Connections
 from gateway.errors import ObjectNotFound
 from gateway.index.db import session_scope
@@ -89,8 +91,14 @@ class Layout:
         return sum(int(length) for frame in self.frames for _offset, length in frame)
 
 
+ORIGINAL = "original"
+
+
 @dataclass(frozen=True)
 class StoredInstance:
+    """One stored object as a retrieve reads it: the original, or (version set) a version of it in the
+    hot bucket, or (object_key set) a derived object such as a reduced-resolution instance."""
+
     ref: InstanceRef
     sop_class_uid: str
     transfer_syntax: str
@@ -99,10 +107,22 @@ class StoredInstance:
     number_of_frames: int
     instance_number: int | None
     layout: Layout | None
+    rows: int | None = None
+    columns: int | None = None
+    version: str = ORIGINAL
+    object_key: str | None = None
 
     @property
     def key(self) -> str:
-        return keys.original(self.ref)
+        if self.object_key is not None:
+            return self.object_key
+        if self.version == ORIGINAL:
+            return keys.original(self.ref)
+        return keys.version(self.ref, self.version)
+
+    @property
+    def is_original(self) -> bool:
+        return self.version == ORIGINAL and self.object_key is None
 
 
 _COLUMNS = (
@@ -116,6 +136,8 @@ _COLUMNS = (
     Instance.number_of_frames,
     Instance.instance_number,
     Instance.pixel_layout,
+    Instance.rows,
+    Instance.columns,
 )
 
 
@@ -156,6 +178,8 @@ def find(
             number_of_frames=max(1, int(row.number_of_frames or 1)),
             instance_number=row.instance_number,
             layout=Layout.from_json(row.pixel_layout),
+            rows=row.rows,
+            columns=row.columns,
         )
         for row in rows
     ]
@@ -221,6 +245,11 @@ def originals(conn: Connections) -> Bucket:
     return conn.originals
 
 
+def bucket_for(conn: Connections, instance: StoredInstance) -> Bucket:
+    """Where `instance` is read from: originals for an original, the hot bucket for anything derived."""
+    return originals(conn) if instance.is_original else conn.hot
+
+
 def read_frame(bucket: Bucket, key: str, layout: Layout, index: int) -> bytes:
     """One frame's stored bytes (a codestream, or native pixels) with a single range read.
 
@@ -249,6 +278,101 @@ def read_header(bucket: Bucket, instance: StoredInstance) -> Dataset:
 
 def read_whole(bucket: Bucket, instance: StoredInstance) -> Dataset:
     return dcmread(BytesIO(bucket.get_bytes(instance.key)), force=True)
+
+
+@dataclass
+class FrameReader:
+    """Reads the frames of one stored object: one range read per frame, or the whole object (once)
+    when its frame boundaries are unknown (deflated data, fragments without an offset table).
+
+    pixel_module_loader gives the Image Pixel attributes without a bucket read (the index has them
+    for originals); without it they come from the object's header."""
+
+    bucket: Bucket
+    instance: StoredInstance
+    pixel_module_loader: Callable[[], PixelModule] | None = None
+    _pixel_module: PixelModule | None = None
+    _header: Dataset | None = None
+    _whole: Dataset | None = None
+    _decoded: tuple[Any, dict[str, Any]] | None = None
+    _stored: list[bytes] | None = None
+
+    @property
+    def layout(self) -> Layout:
+        assert self.instance.layout is not None
+        return self.instance.layout
+
+    @property
+    def indexed(self) -> bool:
+        """Frame offsets known and the stored syntax not deflated: range reads work."""
+        layout = self.layout
+        return (
+            layout.frames is not None
+            and layout.seekable
+            and self.instance.transfer_syntax != DeflatedExplicitVRLittleEndian
+        )
+
+    def header(self) -> Dataset:
+        """The data set without its pixel data (one range read, or the whole object when unindexed)."""
+        if self._header is None:
+            if self.indexed:
+                self._header = read_header(self.bucket, self.instance)
+            else:
+                whole = self.whole()
+                header = Dataset({tag: element for tag, element in whole.items() if tag.group != 0x7FE0})
+                header.file_meta = copy.deepcopy(whole.file_meta)
+                self._header = header
+        return self._header
+
+    def use_header(self, header: Dataset) -> None:
+        """Take a header the caller has read already; the pixel module follows from it."""
+        self._header = header
+        self._pixel_module = PixelModule.from_dataset(header)
+
+    def pixel_module(self) -> PixelModule:
+        if self._pixel_module is None:
+            loader = self.pixel_module_loader
+            self._pixel_module = loader() if loader else PixelModule.from_dataset(self.header())
+        return self._pixel_module
+
+    def whole(self) -> Dataset:
+        if self._whole is None:
+            self._whole = read_whole(self.bucket, self.instance)
+        return self._whole
+
+    def stored(self, index: int) -> bytes:
+        """The frame as stored: a codestream (encapsulated) or native bytes."""
+        if self.indexed:
+            return read_frame(self.bucket, self.instance.key, self.layout, index)
+        if not self.layout.encapsulated:
+            return self.decoded(index)
+        if self._stored is None:
+            self._stored = list(
+                generate_frames(self.whole().PixelData, number_of_frames=self.instance.number_of_frames)
+            )
+        return self._stored[index]
+
+    def array(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The frame decoded, and the Image Pixel values describing the array (pixels.decode_frame)."""
+        if self.indexed:
+            return pixels.decode_frame(
+                self.pixel_module(), self.stored(index), self.instance.transfer_syntax, self.layout.vr
+            )
+        if self._decoded is None:
+            arr, properties = pixels.decode_dataset(self.whole())
+            self._decoded = (arr if self.instance.number_of_frames > 1 else arr[None, ...], properties)
+        return self._decoded[0][index], self._decoded[1]
+
+    def decoded(self, index: int) -> bytes:
+        """The frame as Explicit VR Little Endian native bytes."""
+        syntax = self.instance.transfer_syntax
+        if self.indexed:
+            data = read_frame(self.bucket, self.instance.key, self.layout, index)
+            if not self.layout.encapsulated and UID(syntax).is_little_endian:
+                return data
+            return pixels.native_frame_bytes(self.pixel_module(), data, syntax, self.layout.vr)[0]
+        array, _ = self.array(index)
+        return pixels.native_bytes(array, self.pixel_module().bits_allocated)
 
 
 def stream_range(bucket: Bucket, key: str, start: int, length: int, chunk: int = CHUNK) -> Iterator[bytes]:

@@ -1,101 +1,138 @@
 """WADO-RS study, series and instance retrieve (PS3.18 10.4) with transfer-syntax negotiation, and the
 exact received bytes at /api/.../original. Parts stream from the bucket one by one: never a study in memory.
 
-Only the original is served until derived versions exist (issue 4 plugs them in as further offers)."""
+The version comes from gateway.selection (vendor parameters, Accept); each instance is then sent as
+stored (its version's bytes), re-encoded on the fly into the syntax the client accepts, or, with
+`resolution=`, as a derived reduced-resolution instance (gateway.resolution)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, request
 from flask.typing import ResponseReturnValue
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLosslessRPCL
 
-from gateway import accept, logs, retrieve, transcode
+from gateway import accept, logs, resolution, retrieve, selection, transcode
 from gateway.accept import DICOM, Choice, MediaRange, Offer, Resource
 from gateway.auth import Identity
+from gateway.connections import Connections
 from gateway.errors import Forbidden, GatewayError, NotAcceptable
 from gateway.http import authorize, services
 from gateway.multipart import new_boundary, related_content_type, write_parts
+from gateway.pixels import PixelModule
 from gateway.retrieve import StoredInstance
-from gateway.storage import Bucket
+from gateway.selection import Selection, Source
 from policies.permissions import Action
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("wado", __name__)
 api_blueprint = Blueprint("wado_api", __name__)
 
-VERSION = "original"
-REASON = "the original is the only version available"
 ORIGINAL_ROLES = frozenset({"radiologist", "admin"})
 
 
 def offers(instance: StoredInstance) -> list[Offer]:
-    """What can be sent of one instance, best first (PS3.18 8.7.3.5.1)."""
+    """What can be sent of one stored object, best first (PS3.18 8.7.3.5.1): as stored, the same
+    bytes under another valid name, Explicit VR LE, then every syntax made on the fly."""
     syntax = instance.transfer_syntax
     if syntax in transcode.OFF_THE_WEB:
         # Implicit VR LE / Big Endian never go on the web: re-encoded, and that is "as stored" here.
-        return [Offer(ExplicitVRLittleEndian, True, (DICOM,), True, "reencode")]
-    found = [Offer(syntax, True, (DICOM,), True, "original")]
-    if syntax != ExplicitVRLittleEndian and transcode.can_transcode(instance):
+        found = [Offer(ExplicitVRLittleEndian, True, (DICOM,), True, "reencode")]
+    else:
+        found = [Offer(syntax, True, (DICOM,), True, "stored")]
+    if instance.layout is None:  # no pixel data: any syntax is only a File Meta change
+        found += [
+            Offer(
+                target, False, (DICOM,), True, "transcode" if target == ExplicitVRLittleEndian else "relabel"
+            )
+            for target in (ExplicitVRLittleEndian, *transcode.ENCODABLE)
+            if target != found[0].transfer_syntax
+        ]
+        return found
+    found += [
+        Offer(target, False, (DICOM,), True, "relabel") for target in transcode.SAME_BYTES.get(syntax, ())
+    ]
+    if not transcode.can_transcode(instance):
+        return found
+    if found[0].transfer_syntax != ExplicitVRLittleEndian:
         found.append(Offer(ExplicitVRLittleEndian, False, (DICOM,), True, "transcode"))
+    offered = {offer.transfer_syntax for offer in found}
+    found += [Offer(t, False, (DICOM,), True, "encode") for t in transcode.ENCODABLE if t not in offered]
     return found
 
 
-def _plan(instances: list[StoredInstance], ranges: list[MediaRange], single: bool) -> list[Choice]:
-    """One choice per instance, all made before the first byte is sent (a 406 cannot come later)."""
+def _plan(
+    objects: list[StoredInstance],
+    ranges: list[MediaRange],
+    single: bool,
+    pixel_module: Callable[[StoredInstance], PixelModule | None],
+) -> list[Choice]:
+    """One choice per object, all made before the first byte is sent (a 406 cannot come later).
+    An encoding the image cannot take (JPEG baseline for 16 bits) is struck off and the client's
+    next preference tried; the 406 names each such reason."""
     choices: list[Choice] = []
-    for instance in instances:
+    for instance in objects:
         candidates = offers(instance)
-        choice = accept.select(ranges, candidates)
-        if choice is not None and not single and not choice.multipart:
-            choice = None  # a study or series is many objects: multipart/related only
+        refused: list[str] = []
+        while True:
+            choice = accept.select(ranges, candidates)
+            if choice is not None and not single and not choice.multipart:
+                choice = None  # a study or series is many objects: multipart/related only
+            if choice is None or choice.offer.label != "encode":
+                break
+            why = transcode.refusal(pixel_module(instance), choice.offer.transfer_syntax)
+            if why is None:
+                break
+            refused.append(why)
+            candidates.remove(choice.offer)
         if choice is None:
-            available = ", ".join(
-                "transfer-syntax=*" if offer.stored else f"transfer-syntax={offer.transfer_syntax}"
-                for offer in candidates
-            )
-            raise NotAcceptable(
-                f"instance {instance.ref.sop_uid} is stored as {instance.transfer_syntax}; "
-                f"Accept {accept.describe(ranges)!r} names nothing it can be sent as"
-                f' (available as multipart/related; type="{DICOM}" with {available})'
-            )
+            raise NotAcceptable(_unacceptable(instance, ranges, candidates, refused))
         choices.append(choice)
     return choices
 
 
-def _check_version() -> None:
-    wanted = request.args.get("version")
-    if wanted and wanted != VERSION:
-        raise NotAcceptable(
-            f"version {wanted!r} is not available; only {VERSION!r} is served", parameter="version"
-        )
+def _unacceptable(
+    instance: StoredInstance, ranges: list[MediaRange], candidates: list[Offer], refused: list[str]
+) -> str:
+    available = ", ".join(
+        "transfer-syntax=*" if offer.stored else f"transfer-syntax={offer.transfer_syntax}"
+        for offer in candidates
+    )
+    text = (
+        f"instance {instance.ref.sop_uid} is stored as {instance.transfer_syntax}; "
+        f"Accept {accept.describe(ranges)!r} names nothing it can be sent as"
+    )
+    if refused:
+        text += " (" + "; ".join(refused) + ")"
+    return text + f' (available as multipart/related; type="{DICOM}" with {available})'
 
 
-def _body(bucket: Bucket, instance: StoredInstance, choice: Choice) -> Iterable[bytes]:
-    """Opens the object (or reads and decodes its first frame) now: faults surface before any byte."""
-    if choice.offer.label == "original":
+def _body(conn: Connections, instance: StoredInstance, choice: Choice) -> Iterable[bytes]:
+    """Opens the object (or reads and codes its first frame) now: faults surface before any byte."""
+    bucket = retrieve.bucket_for(conn, instance)
+    label, target = choice.offer.label, choice.offer.transfer_syntax
+    if label == "stored":
         return retrieve.stream_object(bucket, instance.key)
-    return transcode.explicit_le(bucket, instance)
+    if label in ("reencode", "transcode"):
+        return transcode.explicit_le(bucket, instance)
+    if label == "relabel":
+        return [transcode.relabelled(bucket, instance, target)]
+    return [transcode.encoded(bucket, instance, target)]
 
 
-def _lazy(bucket: Bucket, instance: StoredInstance, choice: Choice) -> Iterator[bytes]:
-    """The same, deferred until the stream reaches this part."""
+def _lazy(body: Callable[[], Iterable[bytes]], sop_uid: str) -> Iterator[bytes]:
+    """A body deferred until the stream reaches its part."""
     try:
-        yield from _body(bucket, instance, choice)
+        yield from body()
     except GatewayError as error:
         # Headers are gone: the only honest signal left is a truncated multipart body.
-        log.warning("retrieve aborted at %s: %s", instance.ref.sop_uid, error.detail)
+        log.warning("retrieve aborted at %s: %s", sop_uid, error.detail)
         raise
-
-
-def _part_headers(instance: StoredInstance, choice: Choice) -> dict[str, str]:
-    headers = {"Content-Type": choice.content_type}
-    if choice.offer.label == "original":
-        headers["Content-Length"] = str(instance.size)
-    return headers
 
 
 def multipart_length(parts: list[tuple[dict[str, str], int]], boundary: str) -> int:
@@ -107,52 +144,134 @@ def multipart_length(parts: list[tuple[dict[str, str], int]], boundary: str) -> 
     return total
 
 
-def served(response: Response) -> Response:
-    response.headers["X-Served-Version"] = VERSION
-    response.headers["X-Policy-Reason"] = REASON
+@dataclass(frozen=True)
+class Item:
+    """One instance of the retrieve: where its bytes come from, and its reduction when resolution= asks."""
+
+    original: StoredInstance
+    source: Source
+    reduction: resolution.Plan | None
+
+    @property
+    def provisional(self) -> StoredInstance:
+        """What will be sent, as far as planning needs (a reduced instance is HTJ2K lossless RPCL)."""
+        if self.reduction is None:
+            return self.source.instance
+        return dataclasses.replace(
+            self.source.instance,
+            transfer_syntax=HTJ2KLosslessRPCL,
+            rows=self.reduction.rows,
+            columns=self.reduction.columns,
+        )
+
+    def prepare(self, conn: Connections) -> StoredInstance:
+        if self.reduction is None:
+            return self.source.instance
+        return resolution.reduced_instance(
+            conn, self.source.instance, self.source.version_id, self.reduction, self.original.ref
+        )
+
+    @property
+    def served_size(self) -> str | None:
+        if self.reduction is not None:
+            return resolution.label(self.reduction.columns, self.reduction.rows)
+        instance = self.original
+        return (
+            resolution.label(instance.columns, instance.rows) if instance.columns and instance.rows else None
+        )
+
+
+def _part_headers(item: Item, instance: StoredInstance, choice: Choice) -> dict[str, str]:
+    headers = {"Content-Type": choice.content_type}
+    if choice.offer.label == "stored":
+        headers["Content-Length"] = str(instance.size)
+    headers["X-Served-Version"] = item.source.version_id
+    if item.source.reason:
+        headers["X-Policy-Reason"] = selection.header_safe(item.source.reason)
+    if item.reduction is not None:
+        headers["X-Served-Resolution"] = resolution.label(item.reduction.columns, item.reduction.rows)
+    return headers
+
+
+def _served(response: Response, chosen: Selection, items: list[Item], display: object) -> Response:
+    response.headers.update(chosen.headers())
+    if display is not None:
+        sizes = [size for size in dict.fromkeys(item.served_size for item in items) if size]
+        if sizes:
+            response.headers["X-Served-Resolution"] = ", ".join(sizes[:20])
     response.headers.add("Vary", "Accept")
     return response
 
 
+def _pixel_modules(conn: Connections) -> Callable[[StoredInstance], PixelModule | None]:
+    """The Image Pixel module of an instance (from the index, once per SOP Instance UID)."""
+    cache: dict[str, PixelModule | None] = {}
+
+    def load(instance: StoredInstance) -> PixelModule | None:
+        key = instance.ref.sop_uid
+        if key not in cache:
+            cache[key] = retrieve.pixel_module(conn, instance.ref) if instance.layout is not None else None
+        return cache[key]
+
+    return load
+
+
 def _respond(who: Identity, instances: list[StoredInstance], single_allowed: bool) -> Response:
-    _check_version()
+    conn = services()
     ranges = accept.parse(request.headers.get("Accept"), Resource.INSTANCES)
-    choices = _plan(instances, ranges, single_allowed)
-    bucket = retrieve.originals(services())
-    first = instances[0]
+    facts = selection.request_facts(request.args, conn.rules.versions, accept.accepted_syntaxes(ranges))
+    chosen = selection.select_version(conn, instances, facts, who)
+    items = []
+    for instance in instances:
+        source = chosen.source(instance)
+        reduction = resolution.plan(source.instance, facts.display) if facts.display else None
+        items.append(Item(instance, source, reduction))
+    # a reduced instance is planned as the original would be: same pixel module, its own syntax
+    choices = _plan([item.provisional for item in items], ranges, single_allowed, _pixel_modules(conn))
+    first = items[0]
     logs.audit(
         "retrieve",
         who.subject,
         who.role,
-        study=first.ref.study_uid,
-        series=first.ref.series_uid if len({i.ref.series_uid for i in instances}) == 1 else None,
+        study=first.original.ref.study_uid,
+        series=first.original.ref.series_uid if len({i.ref.series_uid for i in instances}) == 1 else None,
         instances=len(instances),
-        version=VERSION,
+        version=chosen.served,
     )
+    prepared = first.prepare(conn)
+    first_body = _body(conn, prepared, choices[0])
     if single_allowed and not choices[0].multipart:
-        response = Response(
-            _body(bucket, first, choices[0]), content_type=choices[0].content_type, direct_passthrough=True
-        )
-        if choices[0].offer.label == "original":
-            response.headers["Content-Length"] = str(first.size)
-        return served(response)
+        response = Response(first_body, content_type=choices[0].content_type, direct_passthrough=True)
+        if choices[0].offer.label == "stored":
+            response.headers["Content-Length"] = str(prepared.size)
+        return _served(response, chosen, items, facts.display)
     boundary = new_boundary()
-    parts: list[tuple[dict[str, str], Iterable[bytes]]] = [
-        (_part_headers(first, choices[0]), _body(bucket, first, choices[0]))
-    ]
-    parts.extend(
-        (_part_headers(instance, choice), _lazy(bucket, instance, choice))
-        for instance, choice in zip(instances[1:], choices[1:], strict=True)
-    )
+
+    def parts() -> Iterator[tuple[dict[str, str], Iterable[bytes]]]:
+        yield _part_headers(first, prepared, choices[0]), first_body
+        for item, choice in zip(items[1:], choices[1:], strict=True):
+            try:
+                instance = item.prepare(conn)
+            except GatewayError as error:
+                log.warning("retrieve aborted at %s: %s", item.original.ref.sop_uid, error.detail)
+                raise
+            yield (
+                _part_headers(item, instance, choice),
+                _lazy(lambda i=instance, c=choice: _body(conn, i, c), item.original.ref.sop_uid),
+            )
+
     response = Response(
-        write_parts(parts, boundary),
+        write_parts(parts(), boundary),
         content_type=related_content_type(boundary, choices[0].media_type),
         direct_passthrough=True,
     )
-    if all(choice.offer.label == "original" for choice in choices):
-        sized = [(_part_headers(i, c), i.size) for i, c in zip(instances, choices, strict=True)]
+    if all(choice.offer.label == "stored" for choice in choices) and facts.display is None:
+        sized = [
+            (_part_headers(item, item.source.instance, choice), item.source.instance.size)
+            for item, choice in zip(items, choices, strict=True)
+        ]
         response.headers["Content-Length"] = str(multipart_length(sized, boundary))
-    return served(response)
+    return _served(response, chosen, items, facts.display)
 
 
 @blueprint.get("/studies/<study_uid>")
@@ -189,5 +308,9 @@ def original(study_uid: str, series_uid: str, sop_uid: str) -> ResponseReturnVal
     response.headers["ETag"] = f'"{instance.sha256}"'
     digest = base64.b64encode(bytes.fromhex(instance.sha256)).decode()
     response.headers["Repr-Digest"] = f"sha-256=:{digest}:"
-    logs.audit("original", who.subject, who.role, study=study_uid, instance=sop_uid, version=VERSION)
-    return served(response)
+    logs.audit(
+        "original", who.subject, who.role, study=study_uid, instance=sop_uid, version=retrieve.ORIGINAL
+    )
+    response.headers["X-Served-Version"] = retrieve.ORIGINAL
+    response.headers["X-Policy-Reason"] = "the exact bytes received were asked for"
+    return response

@@ -217,3 +217,29 @@ def test_a_choice_is_always_one_the_client_accepted(items: list[tuple[MediaRange
         assert choice.offer.transfer_syntax == wanted.transfer_syntax
     better = [r for r in ranges if r.q > wanted.q]
     assert all(accept.select([r], _frames_offers(stored)) is None for r in better)
+
+
+@pytest.mark.parametrize(
+    ("header", "resource", "expected"),
+    [
+        (
+            "multipart/related; type=application/octet-stream; transfer-syntax=*",
+            Resource.FRAMES,
+            (ANY_SYNTAX,),
+        ),
+        (None, Resource.FRAMES, (EVRLE,)),
+        ("*/*", Resource.INSTANCES, (EVRLE,)),
+        ("image/*", Resource.FRAMES, (ANY_SYNTAX,)),
+        (
+            f'multipart/related; type="application/dicom"; transfer-syntax={HTJ2K_RPCL}, '
+            'multipart/related; type="application/dicom"; transfer-syntax=*; q=0.5',
+            Resource.INSTANCES,
+            (HTJ2K_RPCL, ANY_SYNTAX),
+        ),
+        ("multipart/related; type=image/jls", Resource.FRAMES, (JPEG_LS, "1.2.840.10008.1.2.4.81")),
+    ],
+)
+def test_accepted_syntaxes_in_the_clients_order(
+    header: str | None, resource: Resource, expected: tuple[str, ...]
+) -> None:
+    assert accept.accepted_syntaxes(accept.parse(header, resource)) == expected

@@ -136,13 +136,20 @@ def test_frames_of_an_instance_without_pixels_are_404(client: Any, shared_data: 
     assert "no pixel data" in response.get_json()["detail"]
 
 
-def test_unavailable_frame_syntax_is_406(client: Any, shared_data: Path) -> None:
+def test_other_frame_syntaxes_are_encoded_and_unfit_ones_406(client: Any, shared_data: Path) -> None:
     path = shared_data / "ct1_nema_jpegls_nearlossless.dcm"
     store(client, path)
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path)
     response = _frames(client, ds, "1", 'multipart/related; type="image/jp2"')
+    assert response.status_code == 200, response.get_data(as_text=True)
+    [part] = parts(response)
+    assert part.media_type == "image/jp2" and part.transfer_syntax == "1.2.840.10008.1.2.4.90"
+    assert np.array_equal(imagecodecs.jpeg2k_decode(part.body), ds.pixel_array)
+    response = _frames(
+        client, ds, "1", 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    )
     assert response.status_code == 406
-    assert "image/jls" in response.get_json()["detail"]
+    assert "8-bit samples only" in response.get_json()["detail"]
     # two frames cannot be one single part
     mr = shared_data / "mr_enhanced_small_10frame.dcm"
     store(client, mr)

@@ -175,3 +175,77 @@ def test_output_is_deterministic(bucket: LocalBucket, shared_data: Path) -> None
     second = b"".join(transcode.explicit_le(bucket, instance))
     assert first == second
     assert first[128:132] == b"DICM"
+
+
+LOSSLESS_TARGETS = [
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.5",
+]
+
+
+@pytest.mark.parametrize("target", LOSSLESS_TARGETS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ct1_nema_uncompressed.dcm",  # signed 16-bit
+        "mr_ts/mr_explicit_be.dcm",  # 12-bit in Big Endian
+        "us1_nema_rgb_uncompressed.dcm",  # RGB
+        "us_ybr422_30frame_jpeg_baseline.dcm",  # lossy original, 30 frames of YBR_FULL_422
+        "us_palette_10frame_rle.dcm",  # palette colour
+        "nm1_nema_jpeg_lossless_sv1.dcm",
+        "ot_deflated.dcm",  # frames found only by inflating the whole object
+    ],
+)
+def test_lossless_targets_carry_the_decoded_pixels_exactly(
+    bucket: LocalBucket, shared_data: Path, name: str, target: str
+) -> None:
+    path = shared_data / name
+    instance = _put(bucket, path)
+    original = pydicom.dcmread(path)
+    served = pydicom.dcmread(io.BytesIO(transcode.encoded(bucket, instance, target)))
+    assert served.file_meta.TransferSyntaxUID == target
+    assert served.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(pixels.decode_dataset(served)[0], pixels.decode_dataset(original)[0])
+    if original.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50":
+        assert served.LossyImageCompression == "01"  # a lossy original stays labelled lossy
+        assert served.LossyImageCompressionMethod == "ISO_10918_1"
+    else:
+        assert served.get("LossyImageCompression", "00") == "00"
+
+
+def test_lossy_targets_append_to_the_history(bucket: LocalBucket, shared_data: Path) -> None:
+    path = shared_data / "cr_rg2_nema_jpeg_extended_12bit.dcm"  # already lossy, ratio without a method
+    instance = _put(bucket, path)
+    served = pydicom.dcmread(io.BytesIO(transcode.encoded(bucket, instance, "1.2.840.10008.1.2.4.91")))
+    assert served.LossyImageCompression == "01"
+    assert list(served.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_15444_1"]
+    ratios = [float(v) for v in served.LossyImageCompressionRatio]
+    assert len(ratios) == 2 and ratios[1] > 1
+    original = pixels.decode_dataset(pydicom.dcmread(path))[0].astype(int)
+    assert np.abs(pixels.decode_dataset(served)[0].astype(int) - original).mean() < 4
+
+
+def test_refusal_says_why_a_syntax_cannot_carry_an_image() -> None:
+    ct = pixels.PixelModule(512, 512, 1, 16, 12, 0, "MONOCHROME2", 0, 1)
+    rgb8 = pixels.PixelModule(480, 640, 3, 8, 8, 0, "RGB", 0, 1)
+    seg = pixels.PixelModule(512, 512, 1, 1, 1, 0, "MONOCHROME2", 0, 3)
+    assert "8-bit samples only" in (transcode.refusal(ct, "1.2.840.10008.1.2.4.50") or "")
+    assert transcode.refusal(rgb8, "1.2.840.10008.1.2.4.50") is None
+    assert "1-bit" in (transcode.refusal(seg, "1.2.840.10008.1.2.4.90") or "")
+    assert transcode.refusal(seg, EVRLE) is None
+    assert transcode.refusal(None, "1.2.840.10008.1.2.4.203") is None  # no pixels: any syntax
+    assert "not a transfer syntax this gateway produces" in (
+        transcode.refusal(ct, "1.2.840.10008.1.2.4.100") or ""
+    )
+
+
+def test_objects_without_pixels_are_relabelled_only(bucket: LocalBucket, shared_data: Path) -> None:
+    path = shared_data / "sr_comprehensive_dcmtk.dcm"
+    instance = _put(bucket, path)
+    served = pydicom.dcmread(io.BytesIO(transcode.relabelled(bucket, instance, "1.2.840.10008.1.2.4.203")))
+    original = pydicom.dcmread(path)
+    assert served.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.203"
+    assert served.ContentSequence == original.ContentSequence

@@ -271,12 +271,19 @@ def test_unproducible_syntaxes_are_406_with_reason(
     assert why in response.get_json()["detail"]
 
 
-def test_other_versions_are_not_faked(client: Any, shared_data: Path) -> None:
+def test_a_version_not_made_yet_is_labelled_not_faked(client: Any, shared_data: Path) -> None:
     path = shared_data / "ct1_nema_uncompressed.dcm"
-    store(client, path)
+    store(client, path)  # no worker runs: the versions stay pending
     response = client.get(_url(_header(path)) + "?version=lossless", headers={"Accept": STAR})
-    assert response.status_code == 406
-    assert response.get_json()["parameter"] == "version"
+    assert response.status_code == 200
+    assert response.headers["X-Served-Version"] == "original"
+    assert "lossless is pending" in response.headers["X-Policy-Reason"]
+    [part] = parts(response)
+    assert sha256(part.body) == sha256(path.read_bytes())
+    assert part.headers["x-served-version"] == "original"
+    unknown = client.get(_url(_header(path)) + "?version=q99", headers={"Accept": STAR})
+    assert unknown.status_code == 400
+    assert unknown.get_json()["parameter"] == "version"
 
 
 def test_unknown_uids_are_404_and_bad_uids_400(client: Any, shared_data: Path) -> None:
