@@ -26,7 +26,7 @@ from gateway.accept import OCTET_STREAM, Choice, MediaRange, Offer, Resource
 from gateway.auth import Identity
 from gateway.connections import Connections
 from gateway.errors import InvalidParameter, NotAcceptable, NotFound, RangeNotSatisfiable
-from gateway.http import authorize, services
+from gateway.http import authorize, client_profile, metered, services
 from gateway.multipart import new_boundary, related_content_type, write_parts
 from gateway.pixels import UndecodablePixelData
 from gateway.retrieve import FrameReader, StoredInstance
@@ -147,13 +147,13 @@ def _image(study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
 def _selected(instance: StoredInstance, ranges: list[MediaRange], who: Identity) -> Selection:
     conn = services()
     facts = selection.request_facts(request.args, conn.rules.versions, accept.accepted_syntaxes(ranges))
-    return selection.select_version(conn, [instance], facts, who)
+    return selection.select_version(conn, [instance], facts, who, client_profile())
 
 
 def served(response: Response, chosen: Selection) -> Response:
     response.headers.update(chosen.headers())
     response.headers.add("Vary", "Accept")
-    return response
+    return metered(response)
 
 
 def _multipart(parts: Iterable[tuple[dict[str, str], Iterable[bytes]]], part_type: str) -> Response:

@@ -8,8 +8,9 @@ from typing import Any
 
 from flask import Flask, Response, abort, current_app, g, json, request
 
-from gateway import logs
+from gateway import clienthints, logs
 from gateway.auth import Identity, identify
+from gateway.clienthints import ClientProfile
 from gateway.connections import Connections
 from gateway.errors import Forbidden, GatewayError, PolicyDenied, Unauthorized
 from gateway.settings import Settings
@@ -41,6 +42,22 @@ def identity() -> Identity:
             response.headers["WWW-Authenticate"] = getattr(error, "challenge", 'Bearer realm="dicomweb"')
             abort(response)
     return g.identity
+
+
+def client_profile() -> ClientProfile:
+    """What the policy engine knows of this request's client (hints, location, measured throughput)."""
+    if "client_profile" not in g:
+        g.client_profile = clienthints.profile_for(
+            services(), identity(), request.headers, request.remote_addr
+        )
+    return g.client_profile
+
+
+def metered(response: Response) -> Response:
+    """Let a retrieve's body feed the client's measured throughput as it streams."""
+    if "client_profile" in g and response.is_streamed:
+        response.response = clienthints.metered(response.response, services().redis, g.client_profile)
+    return response
 
 
 def authorize(action: Action) -> Identity:

@@ -33,7 +33,7 @@ from gateway.accept import DICOM_JSON, DICOM_XML, Resource
 from gateway.auth import Identity
 from gateway.connections import Connections
 from gateway.errors import NotAcceptable, ObjectNotFound
-from gateway.http import authorize, dicomweb_root, services
+from gateway.http import authorize, client_profile, dicomweb_root, services
 from gateway.multipart import new_boundary, related_content_type, write_parts
 from gateway.selection import Selection, Source
 from gateway.uids import InstanceRef, check_uid
@@ -182,7 +182,8 @@ def _selection(
     facts = selection.request_facts(request.args, conn.rules.versions)
     if not selection.may_choose_a_version(facts):
         return Selection(retrieve.ORIGINAL, "no version was asked for: the metadata of the originals")
-    return selection.select_version(conn, retrieve.find(conn, study_uid, series_uid, sop_uid), facts, who)
+    instances = retrieve.find(conn, study_uid, series_uid, sop_uid)
+    return selection.select_version(conn, instances, facts, who, client_profile())
 
 
 def _state_of(chosen: Selection) -> str:

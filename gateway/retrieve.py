@@ -19,7 +19,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import case, select
 
-from gateway import keys, pixels
+from gateway import keys, pixels, tiers
 from gateway.connections import Connections
 from gateway.errors import ObjectNotFound
 from gateway.index.db import session_scope
@@ -241,13 +241,13 @@ def pixel_module_from_json(document: dict[str, Any]) -> PixelModule:
 
 
 def originals(conn: Connections) -> Bucket:
-    """The bucket holding originals; the lifecycle work adds the cold tier behind this one name."""
-    return conn.originals
+    """Originals wherever their tier put them (originals bucket, or a cold class)."""
+    return tiers.originals(conn)  # type: ignore[return-value]
 
 
 def bucket_for(conn: Connections, instance: StoredInstance) -> Bucket:
-    """Where `instance` is read from: originals for an original, the hot bucket for anything derived."""
-    return originals(conn) if instance.is_original else conn.hot
+    """Where `instance` is read from: originals for an original, the hot tier for anything derived."""
+    return originals(conn) if instance.is_original else tiers.versions(conn)  # type: ignore[return-value]
 
 
 def read_frame(bucket: Bucket, key: str, layout: Layout, index: int) -> bytes:

@@ -19,65 +19,35 @@ from typing import Any
 from pydicom.uid import UID
 from sqlalchemy import select
 
-from gateway import transcode
+from gateway import decide, tiers, transcode
 from gateway.accept import ANY_SYNTAX
 from gateway.connections import Connections
-from gateway.errors import InvalidParameter, NotAcceptable
+from gateway.errors import NotAcceptable, PolicyDenied, Unavailable
 from gateway.index.db import session_scope
 from gateway.index.models import Version
-from gateway.resolution import Display, parse_display
 from gateway.retrieve import ORIGINAL, Layout, StoredInstance
-from policies.rules import Kind, Purpose, VersionRules, VersionSpec
+from policies.rules import Kind, VersionRules, VersionSpec
 
 READY, SKIPPED = "ready", "skipped"
 _CHUNK = 500  # SOP Instance UIDs per IN (...) query
 _REASON_LIMIT = 600  # characters of X-Policy-Reason
 
 
-@dataclass(frozen=True)
-class RequestFacts:
-    """What a retrieve asks for; field names as gateway.decide.RequestFacts, so either can be passed.
-
-    accepted: transfer syntaxes the client takes, best first (ANY_SYNTAX = as stored; empty = any)."""
-
-    version: str | None = None
-    quality: int | None = None
-    purpose: Purpose | None = None
-    display: Display | None = None
-    accepted: tuple[str, ...] = ()
+RequestFacts = decide.RequestFacts
 
 
 def request_facts(
     args: Mapping[str, str], rules: VersionRules, accepted: Iterable[str] = (), vendor_quality: bool = True
 ) -> RequestFacts:
-    """The vendor parameters of a WADO-RS request (DESIGN.md "Choosing the version"), checked.
-
-    vendor_quality=False on /rendered and /thumbnail, where `quality` keeps its PS3.18 meaning.
+    """The vendor parameters of a WADO-RS request, checked (gateway.decide.request_facts), with the
+    transfer syntaxes this gateway can produce on the fly.
 
     Raises:
         InvalidParameter: naming the parameter and what it may be.
     """
-    version = args.get("version") or None
-    if version is not None and rules.by_id(version) is None:
-        known = ", ".join(v.id for v in rules.versions)
-        raise InvalidParameter(f"version {version[:40]!r} is not one of {known}", parameter="version")
-    quality = None
-    raw = args.get("quality") if vendor_quality else None
-    if raw:
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
-            raise InvalidParameter(f"quality {raw[:20]!r} must be an integer 1..100", parameter="quality")
-        quality = int(raw)
-    purpose = None
-    if args.get("purpose"):
-        try:
-            purpose = Purpose(args["purpose"].lower())
-        except ValueError:
-            names = ", ".join(p.value for p in Purpose)
-            raise InvalidParameter(
-                f"purpose {args['purpose'][:40]!r} is not one of {names}", parameter="purpose"
-            ) from None
-    display = parse_display(args["resolution"]) if args.get("resolution") else None
-    return RequestFacts(version, quality, purpose, display, tuple(accepted))
+    return decide.request_facts(
+        args, rules, accepted, producible=transcode.PRODUCIBLE, vendor_quality=vendor_quality
+    )
 
 
 def explicit(request: Any) -> bool:
@@ -86,9 +56,9 @@ def explicit(request: Any) -> bool:
 
 
 def may_choose_a_version(request: Any) -> bool:
-    """Whether anything but the original can be chosen, so callers may skip the look-ups when not.
-    Once the policy engine decides every retrieve, this is always True."""
-    return explicit(request) or any(syntax != ANY_SYNTAX for syntax in request.accepted)
+    """Whether anything but the original can be chosen. The policy engine decides every retrieve
+    (a referring physician never gets the original), so: always."""
+    return True
 
 
 # --- what the index holds ---------------------------------------------------------------------------
@@ -350,16 +320,21 @@ def _source(
 
 
 def select_version(
-    conn: Connections, instances: Sequence[StoredInstance], request: Any, identity: Any = None
+    conn: Connections,
+    instances: Sequence[StoredInstance],
+    request: Any,
+    identity: Any = None,
+    profile: Any = None,
 ) -> Selection:
     """The version this retrieve gets and each instance's source (the one entry point for WADO-RS).
 
-    `request` is a RequestFacts (or gateway.decide.RequestFacts: same field names); `identity` is
-    the caller (gateway.auth.Identity), unused until the policy engine decides here: then choose()
-    below gives way to decide.decide_for_retrieve() and its Decision's version, reason and display.
+    With an identity the policy engine decides (gateway.decide: status, role, bandwidth, display);
+    without one (internal callers) only the explicit rules of choose() apply.
 
     Raises:
-        NotAcceptable: no version matches the vendor parameters.
+        PolicyDenied: the rules allow this caller no version (403, with the reason).
+        NotAcceptable: no version matches the request, or none can be delivered in an accepted syntax.
+        Unavailable: the version asked for is still being made.
         IndexUnavailable: the index failed.
     """
     rules = conn.rules.versions
@@ -371,8 +346,63 @@ def select_version(
             loaded = version_rows(conn, [instance.ref.sop_uid for instance in instances])
         return loaded
 
-    version_id, reason = choose(rules, request, lambda: held(instances, rows()))
     display = getattr(request, "display", None)
+    if identity is None:
+        version_id, reason = choose(rules, request, lambda: held(instances, rows()))
+    else:
+        decision = _decide(conn, instances, request, identity, profile, rows)
+        version_id, reason = str(decision.version), decision.reason
+        if decision.resolution is not None and display is None:
+            display = decision.resolution.display
     if version_id == ORIGINAL:
         return Selection(version_id, reason, {}, display)
     return Selection(version_id, reason, sources(rules, instances, rows(), version_id), display)
+
+
+def _decide(
+    conn: Connections,
+    instances: Sequence[StoredInstance],
+    request: Any,
+    identity: Any,
+    profile: Any,
+    rows: Callable[[], Mapping[str, Mapping[str, VersionRow]]],
+) -> Any:
+    """Ask the engine; where it picks the original, ask again knowing where the originals are (an
+    archived original gives way to the lossless version while its restore runs: DESIGN.md "Tiers")."""
+    if not isinstance(request, decide.RequestFacts):
+        request = decide.RequestFacts(**dataclasses.asdict(request))
+    if not explicit(request):
+        # An Accept naming a syntax a version is stored in asks for that version (issue 4: served from
+        # its stored bytes, never re-encoded); the engine still says whether this caller may have it.
+        wanted, _why = choose(conn.rules.versions, request, lambda: held(instances, rows()))
+        if wanted != ORIGINAL:
+            try:
+                return _decide(
+                    conn, instances, dataclasses.replace(request, version=wanted), identity, profile, rows
+                )
+            except (PolicyDenied, NotAcceptable, Unavailable):
+                pass  # not this version for this caller: let the engine choose among the others
+    first = instances[0].ref
+    narrowed = dataclasses.replace(
+        request,
+        series_uid=first.series_uid if len({i.ref.series_uid for i in instances}) == 1 else None,
+        sop_uid=first.sop_uid if len(instances) == 1 else None,
+    )
+    decision = decide.decide_for_retrieve(conn, identity, profile, first.study_uid, narrowed)
+    if decision.version == ORIGINAL and not decision.denied:
+        location = tiers.original_location(conn, [instance.ref for instance in instances])
+        if location != "hot":
+            decision = decide.decide_for_retrieve(
+                conn,
+                identity,
+                profile,
+                first.study_uid,
+                dataclasses.replace(narrowed, original_location=location),
+            )
+    if decision.denied:
+        raise PolicyDenied(decision.reason)
+    if decision.not_acceptable:
+        raise NotAcceptable(decision.reason)
+    if decision.unavailable:
+        raise Unavailable(decision.reason)
+    return decision

@@ -321,6 +321,14 @@ class TierReader:
         return self._resolved[key]
 
     def _first(self, key: str, read: Any) -> Any:
+        """The home bucket first (where nearly every read is answered, with no index query), then
+        the copies the index knows of."""
+        home = tier_bucket(self.conn, self._home)
+        if key not in self._resolved:
+            try:
+                return read(home)
+            except ObjectNotFound:
+                pass
         missing: ObjectNotFound | None = None
         for bucket in self._stores(key):
             try:

@@ -22,7 +22,7 @@ from gateway.accept import DICOM, Choice, MediaRange, Offer, Resource
 from gateway.auth import Identity
 from gateway.connections import Connections
 from gateway.errors import Forbidden, GatewayError, NotAcceptable
-from gateway.http import authorize, services
+from gateway.http import authorize, client_profile, metered, services
 from gateway.multipart import new_boundary, related_content_type, write_parts
 from gateway.pixels import PixelModule
 from gateway.retrieve import StoredInstance
@@ -200,7 +200,7 @@ def _served(response: Response, chosen: Selection, items: list[Item], display: o
         if sizes:
             response.headers["X-Served-Resolution"] = ", ".join(sizes[:20])
     response.headers.add("Vary", "Accept")
-    return response
+    return metered(response)
 
 
 def _pixel_modules(conn: Connections) -> Callable[[StoredInstance], PixelModule | None]:
@@ -220,7 +220,7 @@ def _respond(who: Identity, instances: list[StoredInstance], single_allowed: boo
     conn = services()
     ranges = accept.parse(request.headers.get("Accept"), Resource.INSTANCES)
     facts = selection.request_facts(request.args, conn.rules.versions, accept.accepted_syntaxes(ranges))
-    chosen = selection.select_version(conn, instances, facts, who)
+    chosen = selection.select_version(conn, instances, facts, who, client_profile())
     items = []
     for instance in instances:
         source = chosen.source(instance)

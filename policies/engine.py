@@ -293,7 +293,11 @@ def choose(facts: Facts, rules: AccessRules) -> Decision:
 
     pool = [v for v in verdicts if v.requested]
     if not pool:
-        return refuse(Outcome.NOT_ACCEPTABLE, f"no version of this study matches {facts.wanted}")
+        known = ", ".join(f"{c.id} (quality {c.quality}, {c.purpose.value})" for c in facts.candidates)
+        return refuse(
+            Outcome.NOT_ACCEPTABLE,
+            f"no version of this study matches {facts.wanted}; the versions are {known}",
+        )
     allowed = [v for v in pool if v.allowed]
     if not allowed:
         return refuse(Outcome.DENIED, _denial(pool, roles, status))
@@ -426,9 +430,19 @@ def _pick(
         if same is not None:
             return same, "the version this viewer got for this study moments ago (one version per study)"
     smallest = min(usable, key=lambda v: (v.size, -by_id[v.id].quality))
+    wanted = facts.wanted
+    if wanted.quality is not None and wanted.version is None:
+        # quality is a minimum (DESIGN.md): the least that meets it, the original first at equal quality
+        least = min(usable, key=lambda v: (by_id[v.id].quality, _order_key(v, by_id[v.id])))
+        return least, f"quality>={wanted.quality}: {least.id} is the smallest allowed version that meets it"
     if budget is None:
-        named = "the requested" if facts.wanted.explicit else "the highest-quality"
-        return ordered[0], f"{named} allowed version; no transfer-time budget for role {_names(facts.roles)}"
+        if facts.wanted.explicit:
+            return ordered[
+                0
+            ], f"{facts.wanted} asked for {ordered[0].id}, which role {_names(facts.roles)} may have"
+        return ordered[
+            0
+        ], f"the highest-quality allowed version; no transfer-time budget for role {_names(facts.roles)}"
     frugal = client.save_data or (
         client.device_memory_gb is not None and client.device_memory_gb < rules.low_memory_gb
     )
