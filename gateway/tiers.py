@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import redis
-from rq import Queue
-from rq.exceptions import DuplicateJobError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway import keys
+from gateway import jobs, keys
 from gateway.connections import Connections
 from gateway.errors import (
     GatewayError,
@@ -72,9 +70,7 @@ ORIGINAL = "original"
 VERSION = "version"
 HOME = {ORIGINAL: "originals", VERSION: "hot"}
 
-LIFECYCLE_QUEUE = "default"
-LIFECYCLE_RUN = "workers.lifecycle.run_job"
-PREFETCH = "workers.prefetch.prefetch_job"
+LIFECYCLE_QUEUE = jobs.DEFAULT_QUEUE
 
 _KEY = re.compile(
     r"^studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)"
@@ -469,43 +465,9 @@ def prefetch_key(study_uid: str) -> str:
 PREFETCH_ACTIVE = "gw:prefetch:active"
 
 
-def enqueue_prefetch(connection: redis.Redis, study_uid: str, priors: int | None = None) -> bool:
-    """Queue the prefetch job of a study (once: a job already queued for it is not queued twice).
-
-    Raises:
-        RedisUnavailable: Redis did not answer.
-    """
-    queue = Queue(LIFECYCLE_QUEUE, connection=connection)
-    try:
-        queue.enqueue_call(
-            PREFETCH,
-            args=(study_uid, priors),
-            job_id=f"prefetch-{study_uid.replace('.', '-')}",
-            timeout=3600,
-            result_ttl=0,
-            failure_ttl=7 * 24 * 3600,
-            unique=True,
-        )
-    except DuplicateJobError:
-        return False
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"Redis: could not queue the prefetch of {study_uid}: {exc}") from exc
-    return True
-
-
-def enqueue_lifecycle_run(connection: redis.Redis) -> bool:
-    """Queue one mover run unless one is queued or running (job id lifecycle-run)."""
-    queue = Queue(LIFECYCLE_QUEUE, connection=connection)
-    try:
-        queue.enqueue_call(
-            LIFECYCLE_RUN, job_id="lifecycle-run", timeout=6 * 3600, result_ttl=0, failure_ttl=7 * 24 * 3600,
-            unique=True,
-        )  # fmt: skip
-    except DuplicateJobError:
-        return False
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"Redis: could not queue the mover: {exc}") from exc
-    return True
+# The queue helpers live in gateway.jobs.
+enqueue_prefetch = jobs.enqueue_prefetch
+enqueue_lifecycle_run = jobs.enqueue_lifecycle_run
 
 
 # --- prefetch requests and their progress -------------------------------------------------------------------

@@ -5,7 +5,6 @@ object under a version key: each version is written whole to a local file and pu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from gateway.index.db import session_scope
 from gateway.index.models import Instance, Version
 from gateway.metrics import DERIVE_JOBS, DERIVE_SECONDS
 from gateway.pixels import ALWAYS_LOSSY, LOSSY_METHOD, UndecodablePixelData, decode_dataset, decode_frame
+from gateway.storage import file_sha256
 from gateway.uids import InstanceRef
 from gateway.versions import LossyFacts, version_dataset
 from policies.rules import Kind, VersionRules, VersionSpec
@@ -256,7 +256,7 @@ def _store_all(
         dataset = _dataset(header, encoded, ratio, uncompressed / max(1, original_size))
         path = os.path.join(work, f"{version_id}.dcm")
         dataset.save_as(path, enforce_file_format=True)
-        digest = _sha256(path)
+        digest = file_sha256(path)
         _, layout = read_header(path)
         metadata = {
             "transfer-syntax": str(encoded.spec.transfer_syntax),
@@ -338,14 +338,6 @@ def _earlier_lossy(header: Dataset, original_ratio: float) -> LossyFacts | None:
     if syntax in ALWAYS_LOSSY and str(header.get("LossyImageCompression", "")) != "01":
         return LossyFacts(original_ratio, LOSSY_METHOD[syntax])
     return None
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _record(conn: Connections, ref: InstanceRef, version_id: str, **values: object) -> None:

@@ -17,7 +17,7 @@ from rq import Queue
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from gateway import tiers
+from gateway import jobs, tiers
 from gateway.connections import Connections
 from gateway.errors import GatewayError, RulesError
 from gateway.index.db import session_scope
@@ -162,7 +162,7 @@ def prefetch_job(study_uid: str, priors: int | None = None) -> dict[str, int]:
     if not result.finished:
         try:
             Queue(tiers.LIFECYCLE_QUEUE, connection=conn.redis).enqueue_in(
-                timedelta(seconds=POLL_SECONDS), tiers.PREFETCH, study_uid, priors, result_ttl=0
+                timedelta(seconds=POLL_SECONDS), jobs.PREFETCH, study_uid, priors, result_ttl=0
             )
         except redis.RedisError as exc:
             log.warning(

@@ -32,6 +32,7 @@ from gateway.errors import GatewayError, InstanceRejected, ObjectNotFound, Rules
 from gateway.index.db import session_scope
 from gateway.index.models import DiagnosisEvent, Instance, Location, Series, Study, Version
 from gateway.index.records import InstanceFacts, record_instance, record_versions
+from gateway.storage import file_sha256
 from gateway.tiers import ObjectKey
 from gateway.uids import InstanceRef
 from policies.lifecycle import ARCHIVE
@@ -157,16 +158,6 @@ def _download(conn: Connections, key: str, tier: str, storage_class: str, folder
     return path
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def adopt_original(conn: Connections, item: Found, versions: list[Found], report: RebuildReport) -> bool:
     """Index one original found in the buckets, as ingest would have; False when already indexed. A row
     indexed from a version while the original was archived is completed once the original is readable."""
@@ -181,7 +172,7 @@ def adopt_original(conn: Connections, item: Found, versions: list[Found], report
         if source is not None:
             path = _download(conn, obj.key, *source, work)
             header, layout = read_header(path)
-            size, sha256 = os.path.getsize(path), _sha256(path)
+            size, sha256 = os.path.getsize(path), file_sha256(path)
             recorded = tiers.head(conn, obj.key, *source)
             if recorded is not None and recorded.sha256 and recorded.sha256 != sha256:
                 report.problems.append(f"{obj.key}: sha256 in its metadata differs from its bytes")
@@ -321,7 +312,7 @@ def adopt_version(conn: Connections, item: Found) -> bool:
             path = _download(conn, obj.key, *source, work)
             _header, layout = read_header(path)
             frames = layout.to_json() if layout else None
-            sha256 = _sha256(path)
+            sha256 = file_sha256(path)
             size = os.path.getsize(path)
     target = None
     if spec is not None and spec.kind is Kind.LOSSY:

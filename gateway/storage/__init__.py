@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
@@ -37,6 +38,15 @@ class Bucket(Protocol):
         """Idempotent: deleting a missing key is not an error."""
 
     def list(self, prefix: str) -> Iterator[str]: ...
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 (hex) of a local file, read in 1 MiB chunks: what every object's checksum is."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def make_bucket(settings: object, name: str) -> Bucket:
