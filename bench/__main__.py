@@ -5,6 +5,12 @@ same requests in turn, and are stopped at the end. A server that fails leaves it
 "failed: reason"; the run itself never crashes, so Orthanc's figures print even while ours do not work.
 Knobs: BENCH_INSTANCES (2000), BENCH_SECONDS (10, per concurrent test), BENCH_CLIENTS (8),
 BENCH_BIG_MB (2048; 0 skips), BENCH_BIG_ORTHANC (1), BENCH_TMPDIR (system temp).
+
+Then, with both servers stopped, rows of ours alone (Orthanc has no versions, policy or tiers), each
+section skipped with its variable at 0: derive throughput (BENCH_DERIVE), the policy decision's latency
+(BENCH_DECISION) and a teleradiologist's wait at home on a slow line (BENCH_TELE) on a second gateway
+(bench/policy.py, more knobs there), and tiers and lifecycle on moto S3 (BENCH_LIFECYCLE,
+bench/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -20,16 +26,17 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
-from bench import big, dataset, measure
+from bench import big, dataset, lifecycle, measure, policy
 from bench.measure import GZIP, IDENTITY, Failed
 from bench.servers import REPO, Gateway, Orthanc, Server, start_gateway, start_orthanc
+from bench.table import Cell, Row, cell, format_row, print_table
 
 OHIF_STUDY_LIST = (
     "/studies?limit=101&offset=0&fuzzymatching=true&includefield=00081030%2C00080060%2C00080090%2C00100030"
@@ -68,64 +75,6 @@ class Config:
             big_orthanc=(env.get("BENCH_BIG_ORTHANC") or "1") not in ("0", "false", "no"),
             tmpdir=env.get("BENCH_TMPDIR") or None,
         )
-
-
-@dataclass
-class Cell:
-    """One server's figure for a row: a value, or the reason there is none; detail goes to the JSON."""
-
-    value: float | None = None
-    error: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Row:
-    name: str
-    unit: str  # "/s", "ms", "s", "MB/s", "MB"
-    better: str  # "higher" or "lower"
-    goal: float | None  # ratio ours/theirs to reach (>= for higher, <= for lower)
-    ours: Cell = field(default_factory=Cell)
-    theirs: Cell = field(default_factory=Cell)
-
-    @property
-    def ratio(self) -> float | None:
-        if self.ours.value is None or self.theirs.value is None or not self.theirs.value:
-            return None
-        return self.ours.value / self.theirs.value
-
-    @property
-    def verdict(self) -> str:
-        if self.goal is None:
-            return "-"
-        ratio = self.ratio
-        if ratio is None:
-            return "MISS" if self.ours.value is None and self.theirs.value is not None else "-"
-        met = ratio >= self.goal if self.better == "higher" else ratio <= self.goal
-        return "PASS" if met else "MISS"
-
-
-def cell(server: Server, how: Callable[[], tuple[float, dict[str, Any]]]) -> Cell:
-    """Run one measurement on one server; any failure becomes the cell's reason, never an exception."""
-    if server.error:
-        return Cell(error=server.error)
-    if not server.alive():
-        return Cell(error="server process is no longer running")
-    cpu_before, client_before = server.cpu(), time.process_time()
-    try:
-        value, detail = how()
-    except Failed as exc:
-        return Cell(error=str(exc))
-    except requests.RequestException as exc:
-        return Cell(error=f"{type(exc).__name__}: {str(exc)[:200]}")
-    except Exception as exc:  # noqa: BLE001 - the bench reports, it never crashes
-        traceback.print_exc()
-        return Cell(error=f"{type(exc).__name__}: {str(exc)[:200]}")
-    detail["server_cpu_s"] = round(server.cpu() - cpu_before, 2)
-    detail["client_cpu_s"] = round(time.process_time() - client_before, 2)
-    if detail.get("ops"):
-        detail["server_cpu_ms_per_op"] = round(detail["server_cpu_s"] * 1000 / detail["ops"], 2)
-    return Cell(value, None, detail)
 
 
 def settle() -> None:
@@ -378,80 +327,6 @@ class Bench:
         self.derived(rows[2], results, "peak_rss_mb")
 
 
-def fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "failed"
-    if unit == "ms":
-        return f"{value:.1f} ms"
-    if unit == "s":
-        return f"{value:.1f} s"
-    if unit == "MB":
-        return f"{value:.0f} MB"
-    if unit == "MB/s":
-        return f"{value:.0f} MB/s"
-    return f"{value:.0f}{unit}"
-
-
-def goal_text(row: Row) -> str:
-    if row.goal is None:
-        return "-"
-    return f"{'>=' if row.better == 'higher' else '<='} {row.goal:g}x"
-
-
-def columns(row: Row) -> list[str]:
-    ratio = row.ratio
-    return [
-        row.name,
-        fmt(row.ours.value, row.unit),
-        fmt(row.theirs.value, row.unit),
-        "-" if ratio is None else f"{ratio:.2f}x",
-        goal_text(row),
-        row.verdict,
-    ]
-
-
-WIDTHS = (46, 12, 12, 8, 8, 5)
-
-
-def format_row(row: Row) -> str:
-    return "  ".join(text.ljust(width) for text, width in zip(columns(row), WIDTHS, strict=True)).rstrip()
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ["row", "ours", "theirs", "ratio", "goal", "     "]
-    print()
-    print("  ".join(text.ljust(width) for text, width in zip(header, WIDTHS, strict=True)).rstrip())
-    print("-" * (sum(WIDTHS) + 2 * (len(WIDTHS) - 1)))
-    for row in rows:
-        print(format_row(row))
-    failures: dict[tuple[str, str], list[str]] = {}  # (side, reason) -> rows, so one cause prints once
-    for row in rows:
-        for side in ("ours", "theirs"):
-            error = getattr(row, side).error
-            if error:
-                failures.setdefault((side, error), []).append(row.name)
-    missed = [row.name for row in rows if row.verdict == "MISS"]
-    if failures:
-        print("\nFailures:")
-        for (side, error), names in failures.items():
-            where = names[0] if len(names) == 1 else f"{len(names)} rows from {names[0]!r}"
-            print(f"  {side}, {where}: {error}")
-    print("\nGoals missed: " + ("; ".join(missed) if missed else "none"))
-    for row in rows:
-        if row.verdict == "MISS" and row.ours.value is not None:
-            print(f"  {row.name}: {cpu_note(row)}")
-
-
-def cpu_note(row: Row) -> str:
-    """Server CPU per request on each side: tells a CPU-bound miss from one that waits on something."""
-    parts = []
-    for side in ("ours", "theirs"):
-        detail = getattr(row, side).detail
-        if "server_cpu_ms_per_op" in detail:
-            parts.append(f"{side} {detail['server_cpu_ms_per_op']:g} ms server CPU/request")
-    return ", ".join(parts) or "no CPU figures"
-
-
 def server_info(ours: Gateway, theirs: Orthanc) -> dict[str, Any]:
     info: dict[str, Any] = {
         "ours": {
@@ -497,6 +372,8 @@ def write_results(
                 "unit": r.unit,
                 "better": r.better,
                 "goal": r.goal,
+                "target": r.target,
+                "ours_only": r.ours_only,
                 "ratio": r.ratio,
                 "verdict": r.verdict,
                 "ours": asdict(r.ours),
@@ -545,12 +422,19 @@ def main() -> int:
         print(f"ours:    {ours.root or 'failed: ' + str(ours.error)}", flush=True)
         info = server_info(ours, theirs)
         bench = Bench(config, data, ours, theirs)
-        print(f"\n{'row':46}  {'ours':12}  {'theirs':12}  {'ratio':8}  goal")
+        print(f"\n{'row':52}  {'ours':12}  {'theirs':12}  {'ratio':8}  goal")
         phases = (bench.stow_rows, bench.qido_rows, bench.metadata_rows, bench.frame_rows)
         for phase in (*phases, lambda: bench.big_rows(workdir)):
             try:
                 phase()
             except Exception:  # noqa: BLE001 - a bench bug in one phase must not lose the others
+                traceback.print_exc()
+        for server in (theirs, ours):  # the rows of ours alone get the machine to themselves
+            server.stop()
+        for section in (policy.run, lifecycle.run):
+            try:
+                section(bench, workdir, logs)
+            except Exception:  # noqa: BLE001 - as above
                 traceback.print_exc()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the servers", file=sys.stderr)

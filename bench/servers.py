@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 ORTHANC_PACKAGES = ("orthanc", "orthanc-dicomweb")
 START_TIMEOUT = 60.0
+# Variables of the caller's environment a bench gateway must not inherit (`make run`'s configuration).
+UNSET = ("DATABASE_URL", "STORAGE", "PUBLIC_URL", "AUTH_MODE", "DEFAULT_ROLE", "S3_ENDPOINT_URL")
 
 
 class ServerFailed(Exception):
@@ -163,9 +166,22 @@ class Server:
 class Gateway(Server):
     redis: subprocess.Popen[bytes] | None = None
     gunicorn: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the gateway's own variables (DATA_DIR, REDIS_URL...)
+    port: int = 0
 
     def worker_pids(self) -> list[int]:
         return _children(self.gunicorn.pid) if self.gunicorn and self.gunicorn.poll() is None else []
+
+    @property
+    def base(self) -> str:
+        """http://127.0.0.1:PORT, the root of /api and /dicomweb."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def settings(self) -> Any:
+        """The gateway's Settings, so the bench process can share its Redis, index and buckets."""
+        from gateway.settings import Settings
+
+        return Settings.from_env(self.env)
 
 
 @dataclass
@@ -174,9 +190,16 @@ class Orthanc(Server):
     config: dict[str, object] = field(default_factory=dict)
 
 
-def start_gateway(base: Path, logs: Path) -> Gateway:
-    """Our gateway: its own redis-server and gunicorn (2 workers x 8 threads) on free loopback ports."""
-    server = Gateway("ours")
+def start_gateway(
+    base: Path,
+    logs: Path,
+    extra_env: dict[str, str] | None = None,
+    name: str = "ours",
+    log_name: str = "gateway",
+) -> Gateway:
+    """Our gateway: its own redis-server and gunicorn (2 workers x 8 threads) on free loopback ports.
+    `extra_env` adds variables (AUTH_MODE=local for the policy rows)."""
+    server = Gateway(name)
     server.workdir = Path(tempfile.mkdtemp(prefix="gateway-", dir=base))
     try:
         redis_bin = _redis_server()
@@ -186,27 +209,8 @@ def start_gateway(base: Path, logs: Path) -> Gateway:
         data_dir = server.workdir / "data"
         data_dir.mkdir()
         redis_port, http_port = free_port(), free_port()
-        redis_log = logs / "redis.log"
-        server.redis = subprocess.Popen(
-            [
-                redis_bin,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(redis_port),
-                "--dir",
-                str(server.workdir),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--logfile",
-                str(redis_log),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        redis_log = logs / f"{log_name}-redis.log"
+        server.redis = start_redis(redis_bin, redis_port, server.workdir, redis_log)
         server.procs.append(server.redis)
         _wait_redis(redis_port, server.redis)
         env = {
@@ -216,11 +220,14 @@ def start_gateway(base: Path, logs: Path) -> Gateway:
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
-        for name in ("DATABASE_URL", "STORAGE", "PUBLIC_URL", "AUTH_MODE", "DEFAULT_ROLE", "S3_ENDPOINT_URL"):
-            env.pop(name, None)
+        for variable in UNSET:
+            env.pop(variable, None)
+        env.update(extra_env or {})
+        server.env = {"DATA_DIR": env["DATA_DIR"], "REDIS_URL": env["REDIS_URL"], **(extra_env or {})}
+        server.port = http_port
         # BENCH_GATEWAY_APP: another WSGI factory to measure (a configuration or branch under test)
         app = os.environ.get("BENCH_GATEWAY_APP") or "gateway.app:create_app()"
-        log = logs / "gateway.log"
+        log = logs / f"{log_name}.log"
         with log.open("wb") as out:
             server.gunicorn = subprocess.Popen(
                 [
@@ -251,6 +258,33 @@ def start_gateway(base: Path, logs: Path) -> Gateway:
         server.error = str(exc)
         server.stop()
     return server
+
+
+def start_redis(binary: str, port: int, directory: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:port without persistence, in its own session (stopped with its group)."""
+    return subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory), "--save", "",
+         "--appendonly", "no", "--logfile", str(log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def redis_process(directory: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a redis-server and wait until it answers: (process, port). ServerFailed if it cannot."""
+    port = free_port()
+    proc = start_redis(_redis_server(), port, directory, log)
+    try:
+        _wait_redis(port, proc)
+    except ServerFailed:
+        _stop(proc)
+        raise
+    return proc, port
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    _stop(proc)
 
 
 def _redis_server() -> str:

@@ -71,6 +71,12 @@ class NotAcceptable(GatewayError):
     title = "Not acceptable"
 
 
+class PolicyNotAcceptable(NotAcceptable):
+    """The policy engine found versions the caller may have, but none deliverable as accepted."""
+
+    title = "No allowed version in an accepted syntax"
+
+
 class Conflict(GatewayError):
     status = 409
     title = "Conflict"
@@ -98,6 +104,12 @@ class RangeNotSatisfiable(GatewayError):
 class Unavailable(GatewayError):
     status = 503
     title = "Service unavailable"
+
+
+class PolicyUnavailable(Unavailable):
+    """The version the policy chose (or the caller named) is still being made, or being restored."""
+
+    title = "Version not available yet"
 
 
 class StorageUnavailable(Unavailable):

@@ -12,7 +12,7 @@ from gateway import clienthints, logs
 from gateway.auth import Identity, identify
 from gateway.clienthints import ClientProfile
 from gateway.connections import Connections
-from gateway.errors import Forbidden, GatewayError, PolicyDenied, Unauthorized
+from gateway.errors import Forbidden, GatewayError, PolicyNotAcceptable, PolicyUnavailable, Unauthorized
 from gateway.settings import Settings
 from policies.permissions import Action
 
@@ -111,8 +111,10 @@ def problem(error: GatewayError) -> Response:
     response = current_app.response_class(
         json.dumps(body), status=error.status, mimetype="application/problem+json"
     )
-    if isinstance(error, PolicyDenied):
-        response.headers["X-Policy-Reason"] = error.detail
+    if isinstance(error, Forbidden | PolicyNotAcceptable | PolicyUnavailable):
+        # Every refusal of a retrieve says why, in the header as in the body (one line of ASCII).
+        reason = "".join(c if 32 <= ord(c) < 127 else " " for c in error.detail)
+        response.headers["X-Policy-Reason"] = reason[:600]
     if error.status == 503:
         response.headers["Retry-After"] = "5"
     return response

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from gateway import decide, tiers, transcode
 from gateway.accept import ANY_SYNTAX
 from gateway.connections import Connections
-from gateway.errors import NotAcceptable, PolicyDenied, Unavailable
+from gateway.errors import NotAcceptable, PolicyDenied, PolicyNotAcceptable, PolicyUnavailable, Unavailable
 from gateway.index.db import session_scope
 from gateway.index.models import Version
 from gateway.retrieve import ORIGINAL, Layout, StoredInstance
@@ -402,7 +402,7 @@ def _decide(
     if decision.denied:
         raise PolicyDenied(decision.reason)
     if decision.not_acceptable:
-        raise NotAcceptable(decision.reason)
+        raise PolicyNotAcceptable(decision.reason)
     if decision.unavailable:
-        raise Unavailable(decision.reason)
+        raise PolicyUnavailable(decision.reason)
     return decision

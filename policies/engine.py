@@ -431,6 +431,12 @@ def _pick(
             return same, "the version this viewer got for this study moments ago (one version per study)"
     smallest = min(usable, key=lambda v: (v.size, -by_id[v.id].quality))
     wanted = facts.wanted
+    if wanted.explicit and len(usable) == 1:
+        only = usable[0]
+        said = f"{wanted} asked for {only.id}, which role {_names(facts.roles)} may have"
+        if budget is not None and only.seconds > budget:
+            said += f" (~{only.seconds:g} s, over the {budget:g} s budget at {client.location})"
+        return only, said
     if wanted.quality is not None and wanted.version is None:
         # quality is a minimum (DESIGN.md): the least that meets it, the original first at equal quality
         least = min(usable, key=lambda v: (by_id[v.id].quality, _order_key(v, by_id[v.id])))
