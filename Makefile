@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_TIMEOUT ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps deps-bench run test bench lint clean
+.PHONY: all venv deps deps-bench deps-browser run test bench lint clean
 
 all: test
 
@@ -30,6 +30,10 @@ deps: venv
 deps-bench: venv
 	VENV=$(VENV) bash scripts/ensure-system-deps.sh bench
 
+# Chromium (apt-get) and the pinned npm packages (OHIF's built viewer, playwright-core) for browser tests.
+deps-browser:
+	bash scripts/ensure-browser-deps.sh
+
 run: deps
 	$(BIN)/gateway up
 
@@ -37,7 +41,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: deps lint
+test: deps deps-browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS)
 
 bench: deps-bench

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from flask import Flask
 
-from gateway import api, cors, delete, frames, health, http, metadata, qido, storage_api, stow, tiers, wado
+from gateway import (
+    api,
+    cors,
+    delete,
+    frames,
+    health,
+    http,
+    metadata,
+    qido,
+    rendered,
+    storage_api,
+    stow,
+    tiers,
+    wado,
+)
 from gateway.connections import Connections
 from gateway.logs import configure as configure_logs
 from gateway.settings import Settings
@@ -21,7 +35,7 @@ def create_app(settings: Settings | None = None, connections: Connections | None
     tiers.lifecycle_rules(app.extensions["gateway"])
     http.install_error_handlers(app)
     cors.install(app, settings.cors_origins)
-    for module in (stow, qido, wado, frames, metadata, delete):
+    for module in (stow, qido, wado, frames, metadata, rendered, delete):
         app.register_blueprint(module.blueprint, url_prefix=http.DICOMWEB)
     app.register_blueprint(api.blueprint, url_prefix="/api")
     app.register_blueprint(wado.api_blueprint, url_prefix="/api")

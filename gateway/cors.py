@@ -6,7 +6,7 @@ from flask import Flask, Response, request
 
 EXPOSED = (
     "X-Served-Version, X-Policy-Reason, X-Served-Resolution, Content-Range, Content-Length, Warning, "
-    "Location, ETag"
+    "Location, ETag, WWW-Authenticate, Retry-After, Accept-Ranges"
 )
 ALLOWED_HEADERS = (
     "Authorization, Accept, Content-Type, Range, If-None-Match, If-Modified-Since, "

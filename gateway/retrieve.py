@@ -7,12 +7,14 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, BinaryIO
 
 import numpy as np
+from cachetools import TTLCache
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -193,8 +195,21 @@ def _missing(study_uid: str, series_uid: str | None, sop_uid: str | None) -> str
     return f"no study {study_uid}"
 
 
+# A viewer asks for an instance's frames one request at a time: its index row (immutable once stored)
+# is kept a few seconds per process. A deleted instance then fails at the bucket read, with a 404.
+_RECENT: TTLCache[tuple[int, str, str, str], StoredInstance] = TTLCache(maxsize=20000, ttl=10)
+_RECENT_LOCK = threading.Lock()
+
+
 def one(conn: Connections, study_uid: str, series_uid: str, sop_uid: str) -> StoredInstance:
-    return find(conn, study_uid, series_uid, sop_uid)[0]
+    key = (id(conn), study_uid, series_uid, sop_uid)
+    with _RECENT_LOCK:
+        found = _RECENT.get(key)
+    if found is None:
+        found = find(conn, study_uid, series_uid, sop_uid)[0]
+        with _RECENT_LOCK:
+            _RECENT[key] = found
+    return found
 
 
 def instance_metadata(conn: Connections, ref: InstanceRef) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import redis
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from cachetools import TTLCache
+from sqlalchemy import event, select
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from gateway import jobs, keys
 from gateway.connections import Connections
@@ -406,7 +408,44 @@ def _archived(
     return out
 
 
+# Where originals are changes only when the mover runs: one answer per set of instances is kept a few
+# seconds per process, so a viewer's frame-by-frame requests do not each ask the index.
+_LOCATIONS: TTLCache[tuple[int, tuple[str, ...]], str] = TTLCache(maxsize=20000, ttl=5)
+_LOCATIONS_LOCK = threading.Lock()
+
+
+def _forget_locations() -> None:
+    with _LOCATIONS_LOCK:
+        _LOCATIONS.clear()
+
+
+@event.listens_for(Session, "after_flush")
+def _copies_changed(session: Session, _context: object) -> None:
+    """A copy recorded, moved or dropped in this process: forget the answers kept (other processes
+    keep theirs at most the cache's few seconds, and their reads still find the object: TierReader)."""
+    if any(isinstance(o, Location) for o in (*session.new, *session.dirty, *session.deleted)):
+        _forget_locations()
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _copies_changed_in_bulk(state: ORMExecuteState) -> None:
+    if (state.is_delete or state.is_update) and any(m.class_ is Location for m in state.all_mappers):
+        _forget_locations()
+
+
 def original_location(conn: Connections, refs: list[InstanceRef], start_restore: bool = True) -> str:
+    key = (id(conn), tuple(sorted(ref.sop_uid for ref in refs)))
+    with _LOCATIONS_LOCK:
+        known = _LOCATIONS.get(key)
+    if known is not None and known != "archive":
+        return known
+    found = _original_location(conn, refs, start_restore)
+    with _LOCATIONS_LOCK:
+        _LOCATIONS[key] = found
+    return found
+
+
+def _original_location(conn: Connections, refs: list[InstanceRef], start_restore: bool = True) -> str:
     """Where the originals of a retrieve are, for the policy engine (gateway.decide RequestFacts):
     "hot" (all in the originals bucket), "cold" (some only in an instant class of the cold bucket:
     served at once, but the lossless version wins the tie) or "archive" (some only in an archive class,

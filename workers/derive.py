@@ -33,7 +33,7 @@ from gateway.storage import file_sha256
 from gateway.uids import InstanceRef
 from gateway.versions import LossyFacts, version_dataset
 from policies.rules import Kind, VersionRules, VersionSpec
-from workers import context
+from workers import context, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ def derive(conn: Connections, ref: InstanceRef) -> dict[str, str]:
                 conn, ref, [v for v in owed if _state(conn, ref, v) != "ready"], str(exc), final=False
             )
             raise
+    try:
+        thumbnails.make_thumbnail(conn, ref)
+    except GatewayError as exc:  # a convenience: /thumbnail renders and keeps one on demand
+        log.warning("thumbnail of %s not made: %s", ref.sop_uid, exc.detail)
     elapsed = time.perf_counter() - started
     DERIVE_SECONDS.observe(elapsed)
     DERIVE_JOBS.labels("done").inc()

@@ -23,7 +23,7 @@ from pydicom.uid import (
 
 from gateway import keys, rendering
 from gateway.uids import InstanceRef, new_uid
-from tests.factories import make_ct, to_bytes
+from tests.factories import make_ct, multipart_body, to_bytes
 from tests.gateway.wado_support import parts, store, with_retrieve_blueprints
 
 ROOT = "/dicomweb"
@@ -412,3 +412,60 @@ def test_parse_window_and_viewport() -> None:
     for text in ("1,2,3", "0,5", "10,10,0,0,0,5"):
         with pytest.raises(Exception, match="viewport"):
             rendering.parse_viewport(text)
+
+
+# --- policy and storage backends ----------------------------------------------------------------------------
+
+
+def _app_for(settings: Any) -> tuple[Any, Any]:
+    from gateway import rendered
+    from gateway.app import create_app
+    from gateway.connections import Connections
+
+    connections = Connections(settings)
+    application = create_app(settings, connections)
+    if "rendered" not in application.blueprints:
+        application.register_blueprint(rendered.blueprint, url_prefix=ROOT)
+    return application.test_client(), connections
+
+
+def test_the_policy_decides_what_a_referring_physician_may_see_rendered(
+    make_settings: Any, shared_data: Path
+) -> None:
+    from gateway.auth import mint_local_token
+
+    settings = make_settings(AUTH_MODE="local")
+    client, connections = _app_for(settings)
+    try:
+        admin = {"Authorization": f"Bearer {mint_local_token(settings, ['admin'])}"}
+        referring = {"Authorization": f"Bearer {mint_local_token(settings, ['referring'])}"}
+        path = shared_data / "ct1_nema_uncompressed.dcm"
+        body, content_type = multipart_body([path.read_bytes()])
+        stored = client.post(f"{ROOT}/studies", data=body, content_type=content_type, headers=admin)
+        assert stored.status_code == 200, stored.get_data(as_text=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert client.get(_url(ds, "rendered")).status_code == 401
+        for tail in ("rendered", "thumbnail", "frames/1/rendered"):
+            refused = client.get(_url(ds, tail), headers=referring)
+            assert refused.status_code == 403, (tail, refused.get_data(as_text=True))
+            assert refused.headers["X-Policy-Reason"]
+        assert client.get(_url(ds, "rendered"), headers=admin).status_code == 200
+    finally:
+        connections.close()
+
+
+def test_thumbnail_cache_on_s3(make_settings: Any, shared_data: Path) -> None:
+    settings = make_settings(storage="s3")
+    client, connections = _app_for(settings)
+    try:
+        path = shared_data / "mr_ts/mr_rle.dcm"
+        body, content_type = multipart_body([path.read_bytes()])
+        assert client.post(f"{ROOT}/studies", data=body, content_type=content_type).status_code == 200
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        first = client.get(_url(ds, "thumbnail"))
+        assert _image(first).size == (256, 256)
+        ref = InstanceRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert connections.hot.get_bytes(keys.thumbnail(ref)) == first.get_data()
+        assert client.get(_url(ds, "thumbnail")).get_data() == first.get_data()
+    finally:
+        connections.close()
