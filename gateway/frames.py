@@ -26,7 +26,7 @@ from gateway.accept import OCTET_STREAM, Choice, MediaRange, Offer, Resource
 from gateway.auth import Identity
 from gateway.connections import Connections
 from gateway.errors import InvalidParameter, NotAcceptable, NotFound, RangeNotSatisfiable
-from gateway.http import authorize, client_profile, metered, services
+from gateway.http import authorize, client_profile, metered, parse_frame_list, services
 from gateway.multipart import new_boundary, related_content_type, write_parts
 from gateway.pixels import UndecodablePixelData
 from gateway.retrieve import FrameReader, StoredInstance
@@ -35,29 +35,9 @@ from policies.permissions import Action
 
 blueprint = Blueprint("frames", __name__)
 
-MAX_FRAMES_PER_REQUEST = 10000
-_FRAME_LIST = re.compile(r"^\s*[0-9]+\s*(,\s*[0-9]+\s*)*$")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _WORD = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _CODESTREAMS = frozenset(resolution.HTJ2K_SYNTAXES | {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
-
-
-def parse_frame_list(text: str) -> list[int]:
-    """'1,3,5' -> [1, 3, 5] in the order asked (PS3.18 8.3.4: frame numbers start at 1).
-
-    Raises:
-        InvalidParameter: not a comma-separated list of positive integers.
-    """
-    if not _FRAME_LIST.match(text or ""):
-        raise InvalidParameter(
-            f"frame list {text[:100]!r} is not comma-separated frame numbers", parameter="frames"
-        )
-    numbers = [int(item) for item in text.split(",")]
-    if any(number < 1 for number in numbers):
-        raise InvalidParameter("frame numbers start at 1", parameter="frames")
-    if len(numbers) > MAX_FRAMES_PER_REQUEST:
-        raise InvalidParameter(f"at most {MAX_FRAMES_PER_REQUEST} frames per request", parameter="frames")
-    return numbers
 
 
 def _reader(conn: Connections, instance: StoredInstance) -> FrameReader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -12,12 +13,39 @@ from gateway import clienthints, logs
 from gateway.auth import Identity, identify
 from gateway.clienthints import ClientProfile
 from gateway.connections import Connections
-from gateway.errors import Forbidden, GatewayError, PolicyNotAcceptable, PolicyUnavailable, Unauthorized
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    InvalidParameter,
+    PolicyNotAcceptable,
+    PolicyUnavailable,
+    Unauthorized,
+)
 from gateway.settings import Settings
 from policies.permissions import Action
 
 log = logging.getLogger(__name__)
 DICOMWEB = "/dicomweb"
+MAX_FRAMES_PER_REQUEST = 10000
+_FRAME_LIST = re.compile(r"^\s*[0-9]+\s*(,\s*[0-9]+\s*)*$")
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """'1,3,5' -> [1, 3, 5] in the order asked (PS3.18 8.3.4: frame numbers start at 1).
+
+    Raises:
+        InvalidParameter: not a comma-separated list of positive integers.
+    """
+    if not _FRAME_LIST.match(text or ""):
+        raise InvalidParameter(
+            f"frame list {text[:100]!r} is not comma-separated frame numbers", parameter="frames"
+        )
+    numbers = [int(item) for item in text.split(",")]
+    if any(number < 1 for number in numbers):
+        raise InvalidParameter("frame numbers start at 1", parameter="frames")
+    if len(numbers) > MAX_FRAMES_PER_REQUEST:
+        raise InvalidParameter(f"at most {MAX_FRAMES_PER_REQUEST} frames per request", parameter="frames")
+    return numbers
 
 
 def services() -> Connections:

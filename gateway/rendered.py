@@ -9,7 +9,6 @@ The version whose pixels are rendered comes from gateway.selection, as for every
 from __future__ import annotations
 
 import logging
-import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from gateway.errors import (
     RangeNotSatisfiable,
     StorageUnavailable,
 )
-from gateway.http import authorize, client_profile, metered, services
+from gateway.http import authorize, client_profile, metered, parse_frame_list, services
 from gateway.multipart import new_boundary, related_content_type, write_parts
 from gateway.pixels import UndecodablePixelData
 from gateway.rendering import JPEG, PNG, Options
@@ -51,7 +50,6 @@ blueprint = Blueprint("rendered", __name__)
 
 PDF = rendering.PDF
 MPEG2 = frozenset({MPEG2MPML, MPEG2MPMLF, MPEG2MPHL, MPEG2MPHLF})
-_FRAME_LIST = re.compile(r"^\s*[0-9]+\s*(,\s*[0-9]+\s*)*$")
 _ITEM, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 _CHUNK = 1 << 20
 
@@ -205,18 +203,6 @@ def _check_frames(instance: StoredInstance, numbers: list[int]) -> None:
             f"{instance.number_of_frames} frame(s)",
             parameter="frames",
         )
-
-
-def parse_frame_list(text: str) -> list[int]:
-    """'1,3,5' -> [1, 3, 5] (PS3.18 8.3.4: frame numbers start at 1)."""
-    if not _FRAME_LIST.match(text or ""):
-        raise InvalidParameter(
-            f"frame list {text[:100]!r} is not comma-separated frame numbers", parameter="frames"
-        )
-    numbers = [int(item) for item in text.split(",")]
-    if any(number < 1 for number in numbers):
-        raise InvalidParameter("frame numbers start at 1", parameter="frames")
-    return numbers
 
 
 def _served(response: Response, chosen: Selection, extra_reason: str | None = None) -> Response:

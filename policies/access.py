@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import RulesError
 from policies.permissions import Action
 from policies.rules import VersionRules, _Checker
 from policies.status import DiagnosisStatus, StatusRule
@@ -237,11 +236,7 @@ def load_access(path: Path, versions: VersionRules) -> AccessRules:
     Raises:
         RulesError: with the file, line and reason.
     """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RulesError(f"{path}: line 1: cannot read the file ({exc.strerror})") from exc
-    check = _Checker(path, text)
+    check = _Checker.read(path)
     data = check.data
     roles = _roles(check, data, versions)
     aliases = data.get("role_aliases") or {}

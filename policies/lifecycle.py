@@ -450,11 +450,7 @@ def load_lifecycle(path: Path, versions: VersionRules | None = None) -> Lifecycl
     Raises:
         RulesError: with the file, line and reason.
     """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RulesError(f"{path}: line 1: cannot read the file ({exc.strerror})") from exc
-    check = _Checker(path, text)
+    check = _Checker.read(path)
     data = check.data
     _unknown_keys(check, data, _TOP_KEYS, [])
     raw_moves = data.get("moves") or []

@@ -129,6 +129,15 @@ def _line(node: yaml.Node | None, path: list[Any]) -> int:
 
 
 class _Checker:
+    @classmethod
+    def read(cls, path: Path) -> _Checker:
+        """Read and parse a rules file; an unreadable file is refused like a bad one."""
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise RulesError(f"{path}: line 1: cannot read the file ({exc.strerror})") from exc
+        return cls(path, text)
+
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
         try:
@@ -167,7 +176,7 @@ def load_versions(path: Path) -> VersionRules:
     Raises:
         RulesError: with the file, line and reason.
     """
-    check = _Checker(path, path.read_text())
+    check = _Checker.read(path)
     data = check.data
     versions: list[VersionSpec] = []
     for index, raw in enumerate(data.get("versions") or []):
