@@ -9,8 +9,9 @@ BENCH_BIG_MB (2048; 0 skips), BENCH_BIG_ORTHANC (1), BENCH_TMPDIR (system temp).
 Then, with both servers stopped, rows of ours alone (Orthanc has no versions, policy or tiers), each
 section skipped with its variable at 0: derive throughput (BENCH_DERIVE), the policy decision's latency
 (BENCH_DECISION) and a teleradiologist's wait at home on a slow line (BENCH_TELE) on a second gateway
-(bench/policy.py, more knobs there), and tiers and lifecycle on moto S3 (BENCH_LIFECYCLE,
-bench/lifecycle.py).
+(bench/policy.py, more knobs there), tiers and lifecycle on moto S3 (BENCH_LIFECYCLE,
+bench/lifecycle.py), and OHIF's time to first image and whole series in headless Chromium at 2 and
+20 Mbit/s (BENCH_BROWSER, bench/browser.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from bench import big, dataset, lifecycle, measure, policy
+from bench import big, browser, dataset, lifecycle, measure, policy
 from bench.measure import GZIP, IDENTITY, Failed
 from bench.servers import REPO, Gateway, Orthanc, Server, start_gateway, start_orthanc
 from bench.table import Cell, Row, cell, format_row, print_table
@@ -431,7 +432,7 @@ def main() -> int:
                 traceback.print_exc()
         for server in (theirs, ours):  # the rows of ours alone get the machine to themselves
             server.stop()
-        for section in (policy.run, lifecycle.run):
+        for section in (policy.run, lifecycle.run, browser.run):
             try:
                 section(bench, workdir, logs)
             except Exception:  # noqa: BLE001 - as above

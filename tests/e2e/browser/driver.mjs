@@ -28,6 +28,7 @@ let responses = [];
 let consoleMessages = [];
 let pageErrors = [];
 let failedRequests = [];
+let finished = [];
 
 function watched(url) {
   return watch.some((origin) => url.startsWith(origin));
@@ -52,6 +53,7 @@ async function newPage({ origins = [], extraHTTPHeaders = null }) {
   consoleMessages = [];
   pageErrors = [];
   failedRequests = [];
+  finished = [];
   page = await context.newPage();
   if (extraHTTPHeaders) await page.setExtraHTTPHeaders(extraHTTPHeaders);
   page.on('response', async (response) => {
@@ -77,6 +79,18 @@ async function newPage({ origins = [], extraHTTPHeaders = null }) {
       failedRequests.push({ url: request.url(), method: request.method(), failure: request.failure()?.errorText });
     }
   });
+  // When each watched request's body was fully read (the bench's "whole series" clock) and its size.
+  page.on('requestfinished', async (request) => {
+    if (!watched(request.url())) return;
+    const t = Date.now();
+    let bytes = null;
+    try {
+      bytes = (await request.sizes()).responseBodySize;
+    } catch (e) {
+      bytes = null;
+    }
+    finished.push({ url: request.url(), t, bytes });
+  });
   page.on('console', (message) => consoleMessages.push({ type: message.type(), text: message.text() }));
   page.on('pageerror', (error) => pageErrors.push(String(error)));
   return true;
@@ -92,6 +106,26 @@ const commands = {
   async goto({ url, waitUntil = 'domcontentloaded', timeout = 30000 }) {
     const response = await page.goto(url, { waitUntil, timeout });
     return response ? { status: response.status(), headers: await response.allHeaders() } : null;
+  },
+  // As goto, with the wall clock (ms since the epoch, as the page's Date.now()) read just before it.
+  async timedGoto({ url, waitUntil = 'domcontentloaded', timeout = 30000 }) {
+    const started = Date.now();
+    const response = await page.goto(url, { waitUntil, timeout });
+    return { started, status: response ? response.status() : null };
+  },
+  // A slow line emulated by Chromium itself (DevTools protocol), for this page from now on; mbps null
+  // lifts it. Latency in ms is added to every request.
+  async emulateNetwork({ mbps = null, latencyMs = 0 }) {
+    const cdp = await context.newCDPSession(page);
+    await cdp.send('Network.enable');
+    const rate = mbps ? (mbps * 1e6) / 8 : -1;
+    await cdp.send('Network.emulateNetworkConditions', {
+      offline: false,
+      latency: mbps ? latencyMs : 0,
+      downloadThroughput: rate,
+      uploadThroughput: rate,
+    });
+    return true;
   },
   async waitFor({ selector, state = 'visible', timeout = 30000 }) {
     await locate(selector).waitFor({ state, timeout });
@@ -165,6 +199,11 @@ const commands = {
   async responses({ clear = false }) {
     const found = responses;
     if (clear) responses = [];
+    return found;
+  },
+  async finished({ clear = false }) {
+    const found = finished;
+    if (clear) finished = [];
     return found;
   },
   async diagnostics() {
