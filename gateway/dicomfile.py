@@ -41,6 +41,52 @@ class PixelLayout:
     frames: list | None
     vr: str = "OB"
 
+    @classmethod
+    def from_json(cls, text: str | None) -> PixelLayout | None:
+        if not text:
+            return None
+        raw = json.loads(text)
+        return cls(
+            encapsulated=bool(raw.get("encapsulated")),
+            offset=int(raw.get("offset", -1)),
+            length=int(raw.get("length", -1)),
+            frames=raw.get("frames"),
+            vr=str(raw.get("vr") or "OB"),
+        )
+
+    @property
+    def seekable(self) -> bool:
+        """The value can be found by offset (not inside a deflated stream)."""
+        return self.offset >= 0
+
+    def element_start(self, transfer_syntax: str) -> int:
+        """File offset of the Pixel Data element's tag: 8 header bytes if implicit VR, else 12 (OB/OW)."""
+        return self.offset - (8 if UID(transfer_syntax).is_implicit_VR else 12)
+
+    def value_end(self) -> int | None:
+        """Offset just past the Pixel Data element (after the sequence delimiter when encapsulated)."""
+        if not self.seekable:
+            return None
+        if not self.encapsulated:
+            return self.offset + self.length if self.length >= 0 else None
+        if not self.frames:
+            return None
+        last = self.frames[-1][-1]
+        return int(last[0]) + int(last[1]) + 8  # PS3.5 A.4: (FFFE,E0DD) delimiter, 8 bytes
+
+    def frame_slices(self, index: int) -> list[tuple[int, int]]:
+        assert self.frames is not None
+        frame = self.frames[index]
+        if self.encapsulated:
+            return [(int(offset), int(length)) for offset, length in frame]
+        return [(int(frame[0]), int(frame[1]))]
+
+    def compressed_size(self) -> int:
+        """Total bytes of all fragments (for a lossy ratio); 0 when unknown."""
+        if not self.encapsulated or not self.frames:
+            return 0
+        return sum(int(length) for frame in self.frames for _offset, length in frame)
+
     def to_json(self) -> str:
         return json.dumps(
             {
