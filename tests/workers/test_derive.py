@@ -234,3 +234,33 @@ def test_ybr_full_422_jpeg_multiframe_gets_rgb_lossless_frames(
     for index in (0, 29):
         assert np.array_equal(codecs.decode(frames[index]), rgb[index])
     assert lossless.get("PixelPaddingValue") == original.get("PixelPaddingValue")
+
+
+def test_the_versions_api_lists_each_version_with_its_state_and_facts(client, conn: Connections) -> None:
+    smooth = make_ct(rows=256, columns=256)
+    smooth.PixelData = (np.add.outer(np.arange(256), np.arange(256)).astype(np.uint16) * 4).tobytes()
+    noisy = make_ct(
+        study_uid=smooth.StudyInstanceUID, series_uid=smooth.SeriesInstanceUID, rows=256, columns=256
+    )
+    store(client, [to_bytes(smooth), to_bytes(noisy)])
+    pending = client.get(f"/api/studies/{smooth.StudyInstanceUID}/versions").get_json()
+    assert {v["state"] for i in pending["instances"] for v in i["versions"] if v["id"] != "original"} == {
+        "pending"
+    }
+    work(conn)
+    body = client.get(f"/api/studies/{smooth.StudyInstanceUID}/versions").get_json()
+    by_sop = {i["sop_uid"]: {v["id"]: v for v in i["versions"]} for i in body["instances"]}
+    for sop in (smooth.SOPInstanceUID, noisy.SOPInstanceUID):
+        versions = by_sop[sop]
+        assert list(versions) == ["original", "lossless", "q50", "q25"]
+        assert versions["original"]["sha256"] and versions["original"]["quality"] == 100
+        assert versions["lossless"]["state"] == "ready" and versions["lossless"]["psnr"] is None
+        assert versions["lossless"]["transfer_syntax"] == "1.2.840.10008.1.2.4.202"
+    # the smooth image compresses losslessly past 1/10: q50 is not made, and the list says why
+    assert by_sop[smooth.SOPInstanceUID]["q50"]["state"] == "skipped"
+    assert "lossless already reaches" in by_sop[smooth.SOPInstanceUID]["q50"]["reason"]
+    noisy_q50 = by_sop[noisy.SOPInstanceUID]["q50"]
+    assert noisy_q50["state"] == "ready" and noisy_q50["purpose"] == "reference"
+    assert abs(noisy_q50["ratio"] - noisy_q50["target_ratio"]) <= 0.1 * noisy_q50["target_ratio"]
+    assert client.get("/api/studies/1.2.3.4/versions").status_code == 404
+    assert client.get("/api/studies/1.2.abc/versions").status_code == 400
