@@ -199,3 +199,26 @@ def cli_env(settings: Any) -> dict[str, str]:
     if settings.s3_endpoint_url:
         env["S3_ENDPOINT_URL"] = settings.s3_endpoint_url
     return env
+
+
+ARCHIVE_AT_ONCE = """\
+moves:
+  - id: archive
+    objects: [original]
+    storage_class: GLACIER
+    after: {ingest_days: 0}
+"""
+
+
+@contextlib.contextmanager
+def connections_with(
+    make_settings: Any, storage: str, folder: Path, lifecycle_text: str
+) -> Iterator[Connections]:
+    """Connections on `storage` whose lifecycle.yaml is `lifecycle_text` (closed after)."""
+    connections = Connections(
+        make_settings(storage=storage, policies_dir=policies_with(folder, lifecycle_text))
+    )
+    try:
+        yield connections
+    finally:
+        connections.close()

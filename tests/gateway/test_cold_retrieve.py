@@ -12,28 +12,25 @@ import pytest
 
 from gateway.connections import Connections
 from tests.factories import make_ct
-from tests.tiers_support import derive_all, full_client, hot_version, policies_with, stow, where
+from tests.tiers_support import (
+    ARCHIVE_AT_ONCE,
+    connections_with,
+    derive_all,
+    full_client,
+    hot_version,
+    stow,
+    where,
+)
 from tests.tiers_support import original as original_key
 from workers import lifecycle
 
-ARCHIVE_AT_ONCE = """\
-moves:
-  - id: archive
-    objects: [original]
-    storage_class: GLACIER
-    after: {ingest_days: 0}
-"""
 STAR = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
 @pytest.fixture
 def conn(make_settings, storage_kind: str, tmp_path: Path) -> Iterator[Connections]:  # type: ignore[no-untyped-def]
-    settings = make_settings(storage=storage_kind, policies_dir=policies_with(tmp_path, ARCHIVE_AT_ONCE))
-    connections = Connections(settings)
-    try:
+    with connections_with(make_settings, storage_kind, tmp_path, ARCHIVE_AT_ONCE) as connections:
         yield connections
-    finally:
-        connections.close()
 
 
 def _body(response) -> bytes:  # type: ignore[no-untyped-def]

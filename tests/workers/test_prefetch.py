@@ -15,27 +15,25 @@ from gateway import tiers
 from gateway.connections import Connections
 from gateway.index.db import session_scope
 from tests.factories import make_ct
-from tests.tiers_support import full_client, later, original, policies_with, stow, where, work_default
+from tests.tiers_support import (
+    ARCHIVE_AT_ONCE,
+    connections_with,
+    full_client,
+    later,
+    original,
+    stow,
+    where,
+    work_default,
+)
 from workers import lifecycle
 
-ARCHIVE_AT_ONCE = """\
-moves:
-  - id: archive
-    objects: [original]
-    storage_class: GLACIER
-    after: {ingest_days: 0}
-prefetch: {priors: 3, keep_hot_days: 7}
-"""
+PREFETCH_RULES = ARCHIVE_AT_ONCE + "prefetch: {priors: 3, keep_hot_days: 7}\n"
 
 
 @pytest.fixture
 def conn(make_settings, storage_kind: str, tmp_path: Path) -> Iterator[Connections]:  # type: ignore[no-untyped-def]
-    settings = make_settings(storage=storage_kind, policies_dir=policies_with(tmp_path, ARCHIVE_AT_ONCE))
-    connections = Connections(settings)
-    try:
+    with connections_with(make_settings, storage_kind, tmp_path, PREFETCH_RULES) as connections:
         yield connections
-    finally:
-        connections.close()
 
 
 def patient_study(patient: str, date: str | None) -> Dataset:
